@@ -1,0 +1,1 @@
+"""Data sources (images, videos, embedded default data) shared by every task."""

@@ -1,0 +1,131 @@
+"""Image sources: one spec string -> a tf.data stream of decoded RGB images.
+
+Specs:
+  `embedded`                the real photos of the embedded default data (`tf_mtssl.data.embedded`);
+  `tfds:NAME[:SPLIT]`       a tensorflow-datasets dataset already prepared in `tfds_data_dir`
+                            (never downloaded; SPLIT defaults to `train`), image feature `image`;
+  a folder                  every .jpg/.jpeg/.png/.bmp/.gif below it (recursively);
+  a TFRecord file or glob   `tf.train.Example`s with the encoded image under `image/encoded`
+                            (TF Object Detection / slim convention) or `image`.
+
+Unreadable, corrupt or truncated images are skipped, never a crash: decoding errors are dropped by
+`ignore_errors` and counted by comparing stream positions (`scan` below), so every element carries
+`num_corrupt`, the number skipped so far, which the trainer logs to TensorBoard.
+"""
+
+import glob
+import os
+from typing import List, Optional
+
+import tensorflow as tf
+
+from tf_mtssl.data import embedded
+from tf_mtssl.tasks.base import NUM_CORRUPT_KEY
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
+_AUTOTUNE = tf.data.AUTOTUNE
+
+
+def list_image_files(folder: str) -> List[str]:
+  """Sorted image files below `folder`; raises naming the folder if missing or empty."""
+  if not os.path.isdir(folder):
+    raise FileNotFoundError(f"Image folder not found: {folder}")
+  files = sorted(
+      os.path.join(dirpath, f) for dirpath, _, names in os.walk(folder) for f in names
+      if f.lower().endswith(IMAGE_EXTENSIONS))
+  if not files:
+    raise FileNotFoundError(f"No images ({', '.join(IMAGE_EXTENSIONS)}) found in folder: {folder}")
+  return files
+
+
+def list_tfrecord_files(pattern: str) -> List[str]:
+  files = sorted(glob.glob(pattern))
+  if not files:
+    raise FileNotFoundError(f"No TFRecord files match: {pattern}")
+  for f in files:
+    if os.path.getsize(f) == 0:
+      raise ValueError(f"Empty TFRecord file: {f}")
+  return files
+
+
+def decode_rgb(encoded: tf.Tensor) -> tf.Tensor:
+  """Encoded JPEG/PNG/BMP/GIF bytes -> uint8 [H, W, 3]; gray and RGBA are converted to RGB."""
+  image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
+  image.set_shape([None, None, 3])
+  return image
+
+
+def _parse_example_image(serialized: tf.Tensor) -> tf.Tensor:
+  features = tf.io.parse_single_example(serialized, {
+      "image/encoded": tf.io.FixedLenFeature([], tf.string, default_value=""),
+      "image": tf.io.FixedLenFeature([], tf.string, default_value=""),
+  })
+  return tf.where(tf.strings.length(features["image/encoded"]) > 0, features["image/encoded"],
+                  features["image"])
+
+
+def _tfds_encoded(name: str, split: str, data_dir: Optional[str]) -> tf.data.Dataset:
+  import tensorflow_datasets as tfds  # imported here: only this branch needs it (slow import)
+  try:
+    builder = tfds.builder(name, data_dir=data_dir)
+  except Exception as e:  # noqa: BLE001 - tfds raises many types; re-raise with the spec named
+    raise ValueError(f"Unknown tensorflow-datasets dataset {name!r}: {e}") from e
+  if not os.path.isdir(builder.data_dir):
+    raise FileNotFoundError(
+        f"tensorflow-datasets {name!r} is not prepared in {data_dir or '~/tensorflow_datasets'} "
+        f"(looked for {builder.data_dir}); tf_mtssl never downloads: prepare it first and pass "
+        "--tfds_data_dir.")
+  ds = builder.as_dataset(split=split, shuffle_files=True,
+                          decoders={"image": tfds.decode.SkipDecoding()})
+  return ds.map(lambda ex: ex["image"], num_parallel_calls=_AUTOTUNE)
+
+
+def encoded_images(spec: str, *, split: str = "train", tfds_data_dir: Optional[str] = None) -> tf.data.Dataset:
+  """Dataset of encoded image bytes (finite, unshuffled, except tfds which shuffles files)."""
+  if spec == "embedded":
+    spec = str(embedded.require(embedded.images_dir()))
+  if spec.startswith("tfds:"):
+    parts = spec[len("tfds:"):].split(":")
+    if len(parts) > 2 or not parts[0]:
+      raise ValueError(f"Bad tfds spec {spec!r}; expected tfds:NAME or tfds:NAME:SPLIT")
+    return _tfds_encoded(parts[0], parts[1] if len(parts) == 2 else split, tfds_data_dir)
+  if os.path.isdir(spec):
+    return tf.data.Dataset.from_tensor_slices(list_image_files(spec)).map(tf.io.read_file)
+  if any(c in spec for c in "*?[") or spec.endswith((".tfrecord", ".tfrecords")) or ".tfrecord-" in spec:
+    files = list_tfrecord_files(spec)
+    return tf.data.TFRecordDataset(files).map(_parse_example_image)
+  if os.path.isfile(spec):
+    raise ValueError(f"Data path {spec} is a single file; give a folder of images or a TFRecord glob")
+  raise FileNotFoundError(f"Data path not found: {spec}")
+
+
+def _count_skipped(last_position, element):
+  """scan fn: positions are consecutive before decoding; a gap means images were skipped."""
+  position, image = element
+  skipped = position - last_position - 1
+  return position, (image, skipped)
+
+
+def image_dataset(spec: str, *, seed: int = 0, split: str = "train", shuffle: bool = True,
+                  repeat: bool = True, tfds_data_dir: Optional[str] = None,
+                  input_context: Optional[tf.distribute.InputContext] = None,
+                  shuffle_buffer: int = 2048) -> tf.data.Dataset:
+  """Stream of {"image": uint8 [H, W, 3], NUM_CORRUPT_KEY: int64 skipped so far}.
+
+  Sharded per input pipeline under a distribution strategy, shuffled with `seed`, repeated.
+  """
+  ds = encoded_images(spec, split=split, tfds_data_dir=tfds_data_dir)
+  if input_context is not None and input_context.num_input_pipelines > 1:
+    ds = ds.shard(input_context.num_input_pipelines, input_context.input_pipeline_id)
+  if shuffle:
+    ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
+  if repeat:
+    ds = ds.repeat()
+  ds = ds.enumerate()
+  ds = ds.map(lambda i, encoded: (i, decode_rgb(encoded)), num_parallel_calls=_AUTOTUNE,
+              deterministic=True)
+  ds = ds.ignore_errors(log_warning=True)
+  ds = ds.scan(tf.constant(-1, tf.int64), _count_skipped)
+  ds = ds.scan(tf.constant(0, tf.int64),
+               lambda total, e: (total + e[1], {"image": e[0], NUM_CORRUPT_KEY: total + e[1]}))
+  return ds
