@@ -129,3 +129,8 @@ def image_dataset(spec: str, *, seed: int = 0, split: str = "train", shuffle: bo
   ds = ds.scan(tf.constant(0, tf.int64),
                lambda total, e: (total + e[1], {"image": e[0], NUM_CORRUPT_KEY: total + e[1]}))
   return ds
+
+
+def with_element_seeds(ds: tf.data.Dataset, seed: int) -> tf.data.Dataset:
+  """Pairs every element with its own stateless seed (int64 [2]): reproducible random augmentation."""
+  return tf.data.Dataset.zip((ds, tf.data.Dataset.random(seed=seed).batch(2)))

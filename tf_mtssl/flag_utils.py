@@ -1,0 +1,98 @@
+"""absl flags shared by the binaries, and the per-task flags generated from each task's Options.
+
+Every field of a registered task's `Options` dataclass becomes `--<task>_<field>` with the field's
+default and help, so a new task gets its flags from its own module.
+"""
+
+import dataclasses
+import typing
+from typing import Dict, Optional
+
+from absl import flags
+
+from tf_mtssl import tasks as task_registry
+from tf_mtssl import trunk as trunk_lib
+
+LASSO_MODES = ("none", "pretrain", "eval", "both")
+
+
+def define_trunk_flags():
+  flags.DEFINE_enum("depth", "101", [str(d) for d in sorted(trunk_lib.UNITS_PER_BLOCK)],
+                    "ResNet-v2 depth (units of blocks 1-3 as in the full net; paper_spec 2.1: 101).")
+  flags.DEFINE_enum("output_stride", "16", [str(s) for s in trunk_lib.VALID_OUTPUT_STRIDES],
+                    "Output stride of block 3 (paper_spec 2.1: 16, by dilation).")
+  flags.DEFINE_integer("base_width", 64, "Root/block-1 bottleneck width; 64 is the standard ResNet "
+                       "(block 3 has 16x as many channels). Smaller values make tiny test trunks.")
+
+
+def trunk_config_from_flags() -> dict:
+  f = flags.FLAGS
+  return trunk_lib.trunk_config(int(f.depth), int(f.output_stride), f.base_width)
+
+
+def define_lasso_flags():
+  flags.DEFINE_enum("lasso", "none", list(LASSO_MODES),
+                    "paper_spec 5 / table 4: none = No Lasso; pretrain = Pre-train Only; eval = Eval "
+                    "Only; both = Lasso. Each binary applies the part that concerns it.")
+  flags.DEFINE_float("lasso_l1", 1e-3, "L1 weight of the lasso alphas (paper_spec 5: value not recovered).")
+
+
+def lasso_applies(mode: str, stage: str) -> bool:
+  """Whether `--lasso=mode` asks for the lasso at `stage` ('pretrain' or 'eval')."""
+  if mode not in LASSO_MODES:
+    raise ValueError(f"--lasso must be one of {LASSO_MODES}, got {mode!r}")
+  return mode == "both" or mode == stage
+
+
+def _flag_type(field, hints):
+  tp = hints[field.name]
+  if typing.get_origin(tp) is typing.Union:  # Optional[X]
+    tp = next(a for a in typing.get_args(tp) if a is not type(None))
+  return tp
+
+
+def define_task_option_flags():
+  """Defines --<task>_<field> for every registered task (idempotent)."""
+  for name in task_registry.registered_tasks():
+    options_cls = task_registry.task_class(name).Options
+    hints = typing.get_type_hints(options_cls)
+    for field in dataclasses.fields(options_cls):
+      flag_name = f"{name}_{field.name}"
+      if flag_name in flags.FLAGS:
+        continue
+      default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
+      help_text = f"[{name}] " + field.metadata.get("help", field.name)
+      tp = _flag_type(field, hints)
+      if tp is bool:
+        flags.DEFINE_boolean(flag_name, default, help_text)
+      elif tp is int:
+        flags.DEFINE_integer(flag_name, default, help_text)
+      elif tp is float:
+        flags.DEFINE_float(flag_name, default, help_text)
+      elif tp is str:
+        flags.DEFINE_string(flag_name, default, help_text)
+      else:
+        raise TypeError(f"Task option {options_cls.__name__}.{field.name} has unsupported type {tp}")
+
+
+def task_options_from_flags(name: str):
+  options_cls = task_registry.task_class(name).Options
+  values = {f.name: getattr(flags.FLAGS, f"{name}_{f.name}") for f in dataclasses.fields(options_cls)}
+  return options_cls(**values)
+
+
+def parse_task_data(entries) -> Dict[str, str]:
+  """['ms=/path/*.tfrecord'] -> {'ms': '/path/*.tfrecord'}; names validated."""
+  out = {}
+  for entry in entries or []:
+    if "=" not in entry:
+      raise ValueError(f"--task_data entries look like TASK=SPEC, got {entry!r}")
+    name, spec = entry.split("=", 1)
+    task_registry.task_class(name)
+    out[name] = spec
+  return out
+
+
+def data_for_tasks(names, default: str, overrides: Optional[Dict[str, str]] = None) -> Dict[str, str]:
+  overrides = overrides or {}
+  return {n: overrides.get(n, default) for n in names}

@@ -1,0 +1,85 @@
+"""Self-supervised multi-task pretraining binary.
+
+  python -m tf_mtssl.pretrain --flagfile=flags/rp_col_ex_ms.cfg --model_dir=runs/mtl
+
+Resumes from the newest checkpoint in --model_dir. Per-task hyper-parameters are the
+--<task>_<option> flags (see --helpfull).
+"""
+
+import logging
+import os
+
+from absl import app, flags
+
+from tf_mtssl import distribute, flag_utils
+from tf_mtssl import tasks as task_registry
+from tf_mtssl import train
+
+FLAGS = flags.FLAGS
+
+flags.DEFINE_string("tasks", "rp", f"Comma-separated tasks, of: {','.join(task_registry.registered_tasks())}.")
+flags.DEFINE_string("model_dir", "runs/pretrain", "Run directory: checkpoints, run_config.json, TensorBoard logs.")
+flags.DEFINE_string("data", "embedded", "Image source: 'embedded', 'tfds:NAME[:SPLIT]' (prepared in "
+                    "--tfds_data_dir, never downloaded), a folder of images, or a TFRecord glob.")
+flags.DEFINE_multi_string("task_data", [], "Per-task source override TASK=SPEC (e.g. ms=/data/masks-*.tfrecord); "
+                          "repeatable.")
+flags.DEFINE_string("tfds_data_dir", None, "tensorflow-datasets data_dir holding prepared datasets "
+                    "(None: the tfds default, ~/tensorflow_datasets).")
+flags.DEFINE_integer("image_size", 224, "Side of the square full-image inputs of col/ex/ms (paper_spec 3).")
+flags.DEFINE_integer("batch_size", 32, "Global batch per task (examples of that task's pipeline).")
+flags.DEFINE_integer("train_steps", 100_000, "Total steps (each step = one batch of every task).")
+flags.DEFINE_float("learning_rate", 0.01, "Peak RMSProp learning rate (paper_spec 4 [I]: 1e-3..1e-2).")
+flags.DEFINE_integer("warmup_steps", 1000, "Linear learning-rate warm-up steps.")
+flags.DEFINE_float("rmsprop_rho", 0.9, "RMSProp decay (paper_spec 4 [I]).")
+flags.DEFINE_float("rmsprop_momentum", 0.9, "RMSProp momentum (paper_spec 4 [I]).")
+flags.DEFINE_float("rmsprop_epsilon", 1.0, "RMSProp epsilon (paper_spec 4 [I]: TF-slim's 1.0).")
+flags.DEFINE_float("weight_decay", 1e-4, "Decoupled weight decay on kernels (paper_spec 4 [I]).")
+flags.DEFINE_boolean("harmonize", False, "paper_spec 6: rp uses colorization's gray input instead of "
+                     "colour dropping.")
+flags.DEFINE_integer("seed", 0, "Seed of initialisation and input pipelines.")
+flags.DEFINE_integer("log_every", 10, "Steps between scalar summaries.")
+flags.DEFINE_integer("checkpoint_every", 500, "Steps between checkpoints.")
+flags.DEFINE_integer("keep_checkpoints", 5, "Checkpoints kept.")
+flags.DEFINE_integer("image_summary_every", 500, "Steps between TensorBoard image summaries (0: never).")
+flags.DEFINE_integer("grad_cosine_every", 100, "Steps between task-gradient cosine summaries (0: never).")
+flags.DEFINE_enum("distribution", "default", list(distribute.DISTRIBUTIONS),
+                  "default: one device; mirrored: all local GPUs or the CPU; multi_worker: "
+                  "MultiWorkerMirroredStrategy from TF_CONFIG.")
+flags.DEFINE_boolean("progress_bar", True, "Show a progress bar.")
+flag_utils.define_trunk_flags()
+flag_utils.define_lasso_flags()
+flag_utils.define_task_option_flags()
+
+
+def main(argv):
+  del argv
+  logging.getLogger().setLevel(logging.INFO)
+  names = task_registry.parse_task_list(FLAGS.tasks)
+  tasks = {n: task_registry.make_task(n, options=flag_utils.task_options_from_flags(n),
+                                      image_size=FLAGS.image_size, harmonize=FLAGS.harmonize)
+           for n in names}
+  config = train.TrainConfig(
+      train_steps=FLAGS.train_steps, batch_size=FLAGS.batch_size, learning_rate=FLAGS.learning_rate,
+      warmup_steps=FLAGS.warmup_steps, rmsprop_rho=FLAGS.rmsprop_rho,
+      rmsprop_momentum=FLAGS.rmsprop_momentum, rmsprop_epsilon=FLAGS.rmsprop_epsilon,
+      weight_decay=FLAGS.weight_decay, seed=FLAGS.seed, log_every=FLAGS.log_every,
+      checkpoint_every=FLAGS.checkpoint_every, keep_checkpoints=FLAGS.keep_checkpoints,
+      image_summary_every=FLAGS.image_summary_every, grad_cosine_every=FLAGS.grad_cosine_every,
+      progress_bar=FLAGS.progress_bar)
+  data = flag_utils.data_for_tasks(names, FLAGS.data, flag_utils.parse_task_data(FLAGS.task_data))
+  trainer = train.Trainer(
+      FLAGS.model_dir, tasks, flag_utils.trunk_config_from_flags(), config, data,
+      tfds_data_dir=FLAGS.tfds_data_dir,
+      lasso_l1=FLAGS.lasso_l1 if flag_utils.lasso_applies(FLAGS.lasso, "pretrain") else None,
+      run_config_extra={"flags": FLAGS.flag_values_dict()},
+      strategy=distribute.make_strategy(FLAGS.distribution))
+  final = trainer.train()
+  if trainer.chief:
+    for name, metrics in final.items():
+      print(f"[{name}] " + " ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items())))
+    print(f"Checkpoints:     {os.path.abspath(FLAGS.model_dir)}")
+    print(f"TensorBoard:     tensorboard --logdir {os.path.abspath(os.path.join(FLAGS.model_dir, 'train'))}")
+
+
+if __name__ == "__main__":
+  app.run(main)

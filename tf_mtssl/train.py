@@ -1,0 +1,348 @@
+"""Multi-task pretraining loop (paper_spec 4): one batch per task per step, one tape and one
+RMSProp state per task, the per-task updates applied to the shared trunk and each head.
+
+The loop is a custom `strategy.run` loop (Keras 3 `model.fit` fails under
+MultiWorkerMirroredStrategy, keras#20585). Within one step every task's gradients are computed at
+the same weights first; then each task's own RMSProp optimizer applies its update to the trunk and
+to its head, so the trunk receives the sum of the per-task updates and each task's second-moment
+estimate normalises its own gradient scale (paper_spec 4: "separate RMSProp optimizers").
+
+Runs in `tf.distribute.get_strategy()` or the strategy passed in: datasets are built per input
+pipeline with `distribute_datasets_from_function` (per-replica batch = global batch / replicas),
+losses are divided by the number of replicas so the SUM all-reduce done by the optimizers gives the
+global-batch mean. Only the chief writes summaries and checkpoints to `model_dir`; other workers
+write to a temporary directory that is removed (as TF documents for MultiWorkerMirroredStrategy).
+
+Restart semantics: the newest checkpoint in `model_dir` is restored (weights, optimizer states, step)
+and training ends at exactly `train_steps`. The input pipeline is not checkpointed: it restarts at a
+new random position derived from (seed, restored step), so a resumed run sees a different but
+reproducible stream.
+"""
+
+import dataclasses
+import itertools
+import logging
+import os
+import shutil
+import signal
+import time
+from typing import Dict, List, Optional
+
+import keras
+import numpy as np
+import tensorflow as tf
+from tqdm import tqdm
+
+from tf_mtssl import checkpoints
+from tf_mtssl.model import MultiTaskModel
+from tf_mtssl.tasks.base import NUM_CORRUPT_KEY, Task
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class TrainConfig:
+  """Optimisation and bookkeeping settings (defaults: paper_spec 4 [I] starting values)."""
+  train_steps: int = 1000
+  batch_size: int = 32                 # global batch per task (examples of that task's pipeline)
+  learning_rate: float = 0.01
+  warmup_steps: int = 500
+  rmsprop_rho: float = 0.9             # paper_spec 4 [I]: TF-slim ImageNet RMSProp settings
+  rmsprop_momentum: float = 0.9
+  rmsprop_epsilon: float = 1.0
+  weight_decay: float = 1e-4           # decoupled, conv/dense kernels only
+  seed: int = 0
+  log_every: int = 10
+  checkpoint_every: int = 500
+  keep_checkpoints: int = 5
+  image_summary_every: int = 500
+  grad_cosine_every: int = 100         # 0 disables the task-gradient cosine diagnostics
+  progress_bar: bool = True
+
+  def __post_init__(self):
+    for name in ("train_steps", "batch_size", "log_every", "checkpoint_every", "keep_checkpoints"):
+      if getattr(self, name) <= 0:
+        raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+    if self.learning_rate <= 0:
+      raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
+    if not 0 <= self.rmsprop_rho < 1 or not 0 <= self.rmsprop_momentum < 1 or self.rmsprop_epsilon <= 0:
+      raise ValueError(f"Bad RMSProp settings: rho={self.rmsprop_rho}, momentum={self.rmsprop_momentum}, "
+                       f"epsilon={self.rmsprop_epsilon}")
+
+
+class WarmupSchedule(keras.optimizers.schedules.LearningRateSchedule):
+  """Linear warm-up to `peak`, then constant (the paper's schedule was not recovered, paper_spec 4)."""
+
+  def __init__(self, peak: float, warmup_steps: int):
+    self.peak, self.warmup_steps = float(peak), int(warmup_steps)
+
+  def __call__(self, step):
+    step = tf.cast(step, tf.float32)
+    if self.warmup_steps <= 0:
+      return tf.constant(self.peak)
+    return self.peak * tf.minimum(1.0, (step + 1.0) / float(self.warmup_steps))
+
+  def get_config(self):
+    return {"peak": self.peak, "warmup_steps": self.warmup_steps}
+
+
+def is_chief(strategy: tf.distribute.Strategy) -> bool:
+  resolver = getattr(strategy, "cluster_resolver", None)
+  if resolver is None or not resolver.cluster_spec().as_dict():
+    return True
+  task_type, task_id = resolver.task_type, resolver.task_id
+  if task_type in (None, "chief"):
+    return True
+  return task_type == "worker" and task_id == 0 and "chief" not in resolver.cluster_spec().as_dict()
+
+
+def _worker_id(strategy) -> str:
+  resolver = getattr(strategy, "cluster_resolver", None)
+  return f"{resolver.task_type}_{resolver.task_id}" if resolver is not None else "local"
+
+
+def make_optimizer(config: TrainConfig, name: str) -> keras.optimizers.Optimizer:
+  optimizer = keras.optimizers.RMSprop(
+      learning_rate=WarmupSchedule(config.learning_rate, config.warmup_steps), rho=config.rmsprop_rho,
+      momentum=config.rmsprop_momentum, epsilon=config.rmsprop_epsilon,
+      weight_decay=config.weight_decay or None, name=f"rmsprop_{name}")
+  # Decay only conv/dense kernels (paper_spec 4 [I]: weight decay on conv kernels).
+  optimizer.exclude_from_weight_decay(var_names=["gamma", "beta", "bias", "alpha", "moving"])
+  return optimizer
+
+
+def _flat_cosines(grads: Dict[str, List[tf.Tensor]]) -> Dict[str, tf.Tensor]:
+  """Cosine similarity between every pair of tasks' trunk gradients."""
+  out = {}
+  for a, b in itertools.combinations(sorted(grads), 2):
+    dot = tf.add_n([tf.reduce_sum(tf.cast(x, tf.float32) * tf.cast(y, tf.float32))
+                    for x, y in zip(grads[a], grads[b])])
+    na = tf.sqrt(tf.add_n([tf.reduce_sum(tf.square(tf.cast(x, tf.float32))) for x in grads[a]]))
+    nb = tf.sqrt(tf.add_n([tf.reduce_sum(tf.square(tf.cast(y, tf.float32))) for y in grads[b]]))
+    out[f"{a}_vs_{b}"] = dot / tf.maximum(na * nb, 1e-12)
+  return out
+
+
+class _StopRequest:
+  """SIGTERM/SIGINT -> finish the current step, save a checkpoint, exit cleanly (preemption)."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = {}
+
+  def __enter__(self):
+    for sig in (signal.SIGTERM, signal.SIGINT):
+      try:
+        self._previous[sig] = signal.signal(sig, self._handle)
+      except ValueError:  # not the main thread: no handler, the run is simply not preemption-aware
+        pass
+    return self
+
+  def _handle(self, signum, frame):
+    del frame
+    log.warning("Received signal %d: saving a checkpoint after this step and stopping.", signum)
+    self.requested = True
+
+  def __exit__(self, *exc):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+
+
+class Trainer:
+  """Builds the multi-task model, its per-task optimizers, input pipelines and checkpoints."""
+
+  def __init__(self, model_dir: str, tasks: Dict[str, Task], trunk_config: dict, config: TrainConfig,
+               data: Dict[str, str], tfds_data_dir: Optional[str] = None,
+               lasso_l1: Optional[float] = None, run_config_extra: Optional[dict] = None,
+               strategy: Optional[tf.distribute.Strategy] = None):
+    """Args:
+      model_dir: run directory (checkpoints, run_config.json, TensorBoard logs).
+      tasks: name -> Task, in the order the step processes them.
+      trunk_config: kwargs of `tf_mtssl.trunk.build_trunk`.
+      config: TrainConfig.
+      data: task name -> source spec.
+      lasso_l1: None for the naive model, else the L1 weight of the lasso alphas (paper_spec 5).
+      run_config_extra: more entries recorded in run_config.json (e.g. the binary's flags).
+      strategy: defaults to `tf.distribute.get_strategy()`.
+    """
+    if not tasks:
+      raise ValueError("At least one task is needed")
+    missing = [t for t in tasks if t not in data]
+    if missing:
+      raise ValueError(f"No data source given for tasks {missing}")
+    self.model_dir, self.tasks, self.config, self.data = model_dir, dict(tasks), config, dict(data)
+    self.tfds_data_dir = tfds_data_dir
+    self.strategy = strategy or tf.distribute.get_strategy()
+    self.chief = is_chief(self.strategy)
+    self.write_dir = model_dir if self.chief else os.path.join(
+        model_dir, ".worker_tmp", _worker_id(self.strategy))
+    self.run_config = {
+        "trunk": dict(trunk_config), "tasks": list(self.tasks),
+        "task_options": {n: dataclasses.asdict(t.options) for n, t in self.tasks.items()},
+        "image_size": next(iter(self.tasks.values())).image_size,
+        "harmonize": next(iter(self.tasks.values())).harmonize,
+        "lasso": lasso_l1, "data": self.data, "train": dataclasses.asdict(config),
+        **(run_config_extra or {}),
+    }
+    checkpoints.check_compatible(model_dir, self.run_config)
+
+    keras.utils.set_random_seed(config.seed)
+    with self.strategy.scope():
+      self.model = MultiTaskModel(self.tasks, trunk_config, lasso_l1=lasso_l1)
+      self.optimizers = {n: make_optimizer(config, n) for n in self.tasks}
+      for n, opt in self.optimizers.items():
+        opt.build(self.model.trainable_variables(n))
+      self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step",
+                              aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
+    items = dict(step=self.step, trunk=self.model.trunk, heads=self.model.heads, optimizers=self.optimizers)
+    if self.model.lasso is not None:
+      items["lasso"] = self.model.lasso
+    self.checkpoint = tf.train.Checkpoint(**items)
+    self.manager = tf.train.CheckpointManager(self.checkpoint, self.write_dir,
+                                              max_to_keep=config.keep_checkpoints)
+    self._train_step_fn = {}
+
+  # ---- checkpoints ---------------------------------------------------------------------------------
+  def restore_latest(self) -> int:
+    """Restores the newest checkpoint of model_dir, if any; returns the step to resume from."""
+    latest = tf.train.latest_checkpoint(self.model_dir)
+    if latest is None:
+      return 0
+    try:
+      self.checkpoint.read(latest).assert_existing_objects_matched()
+    except (AssertionError, ValueError, tf.errors.InvalidArgumentError) as e:
+      raise ValueError(f"Checkpoint {latest} does not fit the model being built ({e}); it was left "
+                       "untouched. Use another --model_dir.") from e
+    log.info("Restored %s (step %d)", latest, int(self.step.numpy()))
+    return int(self.step.numpy())
+
+  def save(self) -> Optional[str]:
+    path = self.manager.save(checkpoint_number=self.step)
+    return path if self.chief else None
+
+  # ---- input ---------------------------------------------------------------------------------------
+  def _distributed_datasets(self, seed: int):
+    datasets = {}
+    for name, task in self.tasks.items():
+      def dataset_fn(ctx, task=task, name=name):
+        per_replica = ctx.get_per_replica_batch_size(self.config.batch_size)
+        return task.build_dataset(self.data[name], per_replica, seed=seed, tfds_data_dir=self.tfds_data_dir,
+                                  input_context=ctx)
+      datasets[name] = self.strategy.distribute_datasets_from_function(dataset_fn)
+    return datasets
+
+  # ---- the step ------------------------------------------------------------------------------------
+  def _replica_step(self, batches, with_cosines: bool):
+    replicas = tf.distribute.get_replica_context().num_replicas_in_sync
+    grads, results, trunk_grads = {}, {}, {}
+    num_trunk = len(self.model.trunk.trainable_variables)
+    for name, task in self.tasks.items():
+      batch = batches[name]
+      variables = self.model.trainable_variables(name)
+      with tf.GradientTape() as tape:
+        predictions = self.model.predictions(name, batch, training=True)
+        loss, metrics = task.loss_and_metrics(batch, predictions)
+        total = tf.cast(loss, tf.float32) + self.model.regularization_loss(name)
+        scaled = total / replicas
+      grads[name] = tape.gradient(scaled, variables)
+      trunk_grads[name] = grads[name][:num_trunk]
+      results[name] = {"loss": loss, **metrics, "total_loss": total,
+                       NUM_CORRUPT_KEY: tf.reduce_max(batch[NUM_CORRUPT_KEY])}
+    # All gradients are taken at the same weights before any update (paper_spec 4).
+    for name in self.tasks:
+      self.optimizers[name].apply_gradients(zip(grads[name], self.model.trainable_variables(name)))
+    cosines = _flat_cosines(trunk_grads) if with_cosines and len(self.tasks) > 1 else {}
+    return results, cosines
+
+  def _train_step(self, with_cosines: bool):
+    if with_cosines not in self._train_step_fn:
+      @tf.function
+      def step_fn(iterators):
+        batches = {name: next(it) for name, it in iterators.items()}
+        results, cosines = self.strategy.run(self._replica_step, args=(batches, with_cosines))
+        def reduce(key, value):
+          if key == NUM_CORRUPT_KEY:  # cumulative count of this worker's pipeline: the max, not a mean
+            return tf.reduce_max(tf.stack(self.strategy.experimental_local_results(value)))
+          return self.strategy.reduce(tf.distribute.ReduceOp.MEAN, value, axis=None)
+        reduced = {n: {k: reduce(k, v) for k, v in r.items()} for n, r in results.items()}
+        cos = {k: self.strategy.reduce(tf.distribute.ReduceOp.MEAN, v, axis=None) for k, v in cosines.items()}
+        return reduced, cos
+      self._train_step_fn[with_cosines] = step_fn
+    return self._train_step_fn[with_cosines]
+
+  # ---- summaries -----------------------------------------------------------------------------------
+  def _write_images(self, image_iterators, step):
+    for name, task in self.tasks.items():
+      batch = next(image_iterators[name])
+      images = task.summary_images(batch, self.model.predictions(name, batch, training=False))
+      for key, value in images.items():
+        tf.summary.image(f"{name}/{key}", value, step=step, max_outputs=4)
+    if self.model.lasso is not None:
+      tf.summary.image("lasso/alpha", self.model.lasso.alpha_image()[None], step=step)
+
+  # ---- main loop -----------------------------------------------------------------------------------
+  def train(self) -> Dict[str, Dict[str, float]]:
+    """Trains to `train_steps` (resuming from the newest checkpoint); returns the last metrics."""
+    cfg = self.config
+    start = self.restore_latest()
+    if self.chief:
+      checkpoints.save_run_config(self.model_dir, self.run_config)
+    if start >= cfg.train_steps:
+      log.info("Run already at step %d >= train_steps %d; nothing to do.", start, cfg.train_steps)
+      return {}
+    data_seed = cfg.seed * 1_000_003 + start
+    iterators = {n: iter(ds) for n, ds in self._distributed_datasets(data_seed).items()}
+    image_iterators = None
+    writer = tf.summary.create_file_writer(os.path.join(self.write_dir, "train"))
+    last: Dict[str, Dict[str, float]] = {}
+    bar = tqdm(total=cfg.train_steps, initial=start, disable=not (cfg.progress_bar and self.chief),
+               unit="step", dynamic_ncols=True)
+    tick_time, tick_step = time.time(), start
+    step = start
+    with _StopRequest() as stop, writer.as_default():
+      while step < cfg.train_steps:
+        with_cosines = bool(cfg.grad_cosine_every) and len(self.tasks) > 1 and (
+            (step + 1) % cfg.grad_cosine_every == 0)
+        results, cosines = self._train_step(with_cosines)(iterators)
+        losses = {n: float(r["total_loss"]) for n, r in results.items()}
+        bad = {n: v for n, v in losses.items() if not np.isfinite(v)}
+        if bad:
+          raise FloatingPointError(
+              f"Non-finite loss at step {step + 1}: {bad}. Stopping without saving; the last good "
+              f"checkpoint is kept: {tf.train.latest_checkpoint(self.model_dir)}")
+        step += 1
+        self.step.assign(step)
+        bar.update(1)
+        if step % cfg.log_every == 0 or step == cfg.train_steps:
+          elapsed = max(time.time() - tick_time, 1e-9)
+          steps_per_s = (step - tick_step) / elapsed
+          last = {n: {k: float(v) for k, v in r.items()} for n, r in results.items()}
+          for n, r in last.items():
+            for k, v in r.items():
+              tf.summary.scalar(f"{n}/{k}", v, step=step)
+            tf.summary.scalar(f"{n}/learning_rate", float(self.optimizers[n].learning_rate), step=step)
+            tf.summary.scalar(f"{n}/examples_per_second", steps_per_s * cfg.batch_size, step=step)
+          for k, v in cosines.items():
+            tf.summary.scalar(f"grad_cosine/{k}", float(v), step=step)
+          tf.summary.scalar("steps_per_second", steps_per_s, step=step)
+          bar.set_postfix({n: f"{r['loss']:.3f}" for n, r in last.items()}, refresh=False)
+          tick_time, tick_step = time.time(), step
+        elif cosines:
+          for k, v in cosines.items():
+            tf.summary.scalar(f"grad_cosine/{k}", float(v), step=step)
+        if self.chief and cfg.image_summary_every and (step % cfg.image_summary_every == 0 or step == cfg.train_steps):
+          if image_iterators is None:
+            image_iterators = {n: iter(t.build_dataset(self.data[n], 2, seed=data_seed + 1,
+                                                       tfds_data_dir=self.tfds_data_dir))
+                               for n, t in self.tasks.items()}
+          self._write_images(image_iterators, step)
+        if step % cfg.checkpoint_every == 0 or step == cfg.train_steps or stop.requested:
+          self.save()
+        if stop.requested:
+          log.warning("Stopped at step %d on request; resume by running the same command.", step)
+          break
+    bar.close()
+    writer.flush()
+    if not self.chief:
+      shutil.rmtree(self.write_dir, ignore_errors=True)
+    return last
