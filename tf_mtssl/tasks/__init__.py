@@ -8,6 +8,7 @@ from tf_mtssl.tasks.base import Task
 # One line per task. Adding a task: write its module and add its line here.
 _REGISTRY: Dict[str, str] = {
     "rp": "tf_mtssl.tasks.relative_position:RelativePositionTask",
+    "ex": "tf_mtssl.tasks.exemplar:ExemplarTask",
 }
 
 
