@@ -30,3 +30,42 @@ def overfit_single_batch(task, batch, steps=30, learning_rate=1e-3, trunk_kwargs
     return loss
 
   return np.array([float(step()) for _ in range(steps)])
+
+
+REPO_ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
+SMOKE_CFG = REPO_ROOT / "flags" / "smoke.cfg"
+
+
+def read_flagfile(path):
+  """{flag: value} of an absl flagfile (comments and blank lines skipped; later lines win)."""
+  out = {}
+  for line in open(path):
+    line = line.strip()
+    if line and not line.startswith("#"):
+      key, _, value = line[2:].partition("=")
+      out[key] = value
+  return out
+
+
+def tiny_task(name, image_size=None, harmonize=False):
+  """Task `name` with the tiny settings of flags/smoke.cfg (the README's smoke run)."""
+  from tf_mtssl import flag_utils, tasks
+  cfg = read_flagfile(SMOKE_CFG)
+  prefix = f"{name}_"
+  options = flag_utils.task_options_from_dict(
+      name, {k[len(prefix):]: v for k, v in cfg.items() if k.startswith(prefix)})
+  return tasks.make_task(name, options=options, image_size=image_size or int(cfg["image_size"]),
+                         harmonize=harmonize)
+
+
+def write_photos(folder, size=160, names=("astronaut", "coffee", "chelsea", "rocket")):
+  """A few real photos (scikit-image) resized small, as PNG files; returns the folder."""
+  import os
+  import skimage.data
+  import skimage.io
+  import skimage.transform
+  os.makedirs(folder, exist_ok=True)
+  for n in names:
+    img = skimage.transform.resize(getattr(skimage.data, n)(), (size, size * 4 // 3), anti_aliasing=True)
+    skimage.io.imsave(os.path.join(folder, f"{n}.png"), (img * 255).astype(np.uint8), check_contrast=False)
+  return str(folder)

@@ -96,3 +96,35 @@ def parse_task_data(entries) -> Dict[str, str]:
 def data_for_tasks(names, default: str, overrides: Optional[Dict[str, str]] = None) -> Dict[str, str]:
   overrides = overrides or {}
   return {n: overrides.get(n, default) for n in names}
+
+
+def run_main(main):
+  """`app.run(run_main(main))`: bad input (ValueError, FileNotFoundError, FloatingPointError) ends
+  the binary with its one-line message and exit code 2 instead of a traceback."""
+  import sys
+
+  def wrapped(argv):
+    try:
+      return main(argv)
+    except (ValueError, FileNotFoundError, FloatingPointError) as e:
+      print(f"Error: {e}", file=sys.stderr)
+      sys.exit(2)
+
+  return wrapped
+
+
+def task_options_from_dict(name: str, values: Dict[str, object]):
+  """Options of task `name` from {field: value} (strings converted by the field's type)."""
+  options_cls = task_registry.task_class(name).Options
+  hints = typing.get_type_hints(options_cls)
+  fields = {f.name: f for f in dataclasses.fields(options_cls)}
+  unknown = set(values) - set(fields)
+  if unknown:
+    raise ValueError(f"Unknown option(s) {sorted(unknown)} for task {name!r}; known: {sorted(fields)}")
+  converted = {}
+  for key, value in values.items():
+    tp = _flag_type(fields[key], hints)
+    if isinstance(value, str) and tp is not str:
+      value = value.lower() in ("1", "true", "yes") if tp is bool else tp(value)
+    converted[key] = value
+  return options_cls(**converted)

@@ -1,0 +1,126 @@
+import os
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tests import helpers
+from tf_mtssl import checkpoints, train
+
+TINY_TRUNK = helpers.TINY_TRUNK
+MULTI_TASKS = ["rp"]  # extended as tasks land
+
+
+def make_trainer(model_dir, data, tasks=("rp",), **overrides):
+  config = train.TrainConfig(**{**dict(train_steps=4, batch_size=2, learning_rate=1e-3, warmup_steps=1,
+                                       rmsprop_epsilon=1e-3, log_every=2, checkpoint_every=2,
+                                       image_summary_every=4, grad_cosine_every=2, progress_bar=False),
+                                **overrides})
+  task_objs = {n: helpers.tiny_task(n) for n in tasks}
+  return train.Trainer(str(model_dir), task_objs, TINY_TRUNK, config, {n: data for n in tasks})
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+  return helpers.write_photos(tmp_path_factory.mktemp("photos"), size=96)
+
+
+def fixed_iterators(trainer, seed=0):
+  """One fixed batch per task, repeated forever (for overfitting)."""
+  out = {}
+  for name, task in trainer.tasks.items():
+    batch = next(iter(task.build_dataset(trainer.data[name], trainer.config.batch_size, seed=seed)))
+    out[name] = iter(trainer.strategy.experimental_distribute_dataset(
+        tf.data.Dataset.from_tensors(batch).repeat()))
+  return out
+
+
+def test_multi_task_loss_falls_when_overfitting_one_batch(tmp_path, photos):
+  trainer = make_trainer(tmp_path / "run", photos, tasks=MULTI_TASKS)
+  iterators = fixed_iterators(trainer)
+  step = trainer._train_step(with_cosines=False)
+  losses = [{n: float(r["loss"]) for n, r in step(iterators)[0].items()} for _ in range(25)]
+  for name in MULTI_TASKS:
+    curve = np.array([l[name] for l in losses])
+    assert np.isfinite(curve).all()
+    assert curve[-3:].mean() < 0.7 * curve[:3].mean(), (name, curve)
+
+
+def test_one_rmsprop_state_per_task_and_heads_only_updated_by_their_task(tmp_path, photos):
+  trainer = make_trainer(tmp_path / "run", photos, tasks=("rp",))
+  assert set(trainer.optimizers) == {"rp"}
+  opt = trainer.optimizers["rp"]
+  assert isinstance(opt, __import__("keras").optimizers.RMSprop)
+  tracked = {id(v) for v in trainer.model.trainable_variables("rp")}
+  assert {id(v) for v in trainer.model.trunk.trainable_variables} <= tracked
+  assert {id(v) for v in trainer.model.heads["rp"].trainable_variables} <= tracked
+
+
+def test_resume_from_checkpoint_to_the_same_step(tmp_path, photos):
+  run = tmp_path / "run"
+  first = make_trainer(run, photos, train_steps=4)
+  first.train()
+  assert tf.train.latest_checkpoint(str(run)).endswith("ckpt-4")
+  saved = [v.numpy().copy() for v in first.model.trunk.weights]
+  saved_opt = [v.numpy().copy() for v in first.optimizers["rp"].variables]
+  second = make_trainer(run, photos, train_steps=6)
+  assert second.restore_latest() == 4
+  for a, b in zip(saved, second.model.trunk.weights):
+    np.testing.assert_array_equal(a, b.numpy())
+  for a, b in zip(saved_opt, second.optimizers["rp"].variables):
+    np.testing.assert_array_equal(a, b.numpy())
+  second.train()
+  assert int(second.step.numpy()) == 6
+  assert tf.train.latest_checkpoint(str(run)).endswith("ckpt-6")
+  assert checkpoints.load_run_config(str(run))["trunk"] == TINY_TRUNK
+
+
+def test_checkpoint_of_another_architecture_is_refused_and_left_untouched(tmp_path, photos):
+  run = tmp_path / "run"
+  make_trainer(run, photos, train_steps=2).train()
+  before = {f: os.path.getmtime(run / f) for f in os.listdir(run) if f.startswith("ckpt")}
+  with pytest.raises(ValueError, match="another architecture"):
+    config = train.TrainConfig(train_steps=4, batch_size=2, progress_bar=False)
+    train.Trainer(str(run), {"rp": helpers.tiny_task("rp")}, dict(TINY_TRUNK, depth=26), config,
+                  {"rp": photos})
+  assert before == {f: os.path.getmtime(run / f) for f in os.listdir(run) if f.startswith("ckpt")}
+
+
+def test_restore_trunk_by_name_from_a_run(tmp_path, photos):
+  run = tmp_path / "run"
+  trainer = make_trainer(run, photos, train_steps=2)
+  trainer.train()
+  trunk = checkpoints.restore_trunk(str(run))
+  for a, b in zip(trainer.model.trunk.weights, trunk.weights):
+    np.testing.assert_array_equal(a.numpy(), b.numpy())
+  os.makedirs(tmp_path / "empty")
+  checkpoints.save_run_config(str(tmp_path / "empty"), checkpoints.load_run_config(str(run)))
+  with pytest.raises(FileNotFoundError, match="No checkpoint"):
+    checkpoints.restore_trunk(str(tmp_path / "empty"))
+
+
+class _NaNAfter(type(helpers.tiny_task("rp"))):
+  """rp whose loss becomes NaN from the 4th call of the traced step on."""
+
+  def __init__(self, *args, **kwargs):
+    super().__init__(*args, **kwargs)
+    self.calls = tf.Variable(0, trainable=False)
+
+  def loss_and_metrics(self, batch, predictions):
+    loss, metrics = super().loss_and_metrics(batch, predictions)
+    self.calls.assign_add(1)
+    return tf.where(self.calls > 3, tf.constant(np.nan, tf.float32), loss), metrics
+
+
+def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, photos):
+  run = tmp_path / "run"
+  config = train.TrainConfig(train_steps=10, batch_size=2, learning_rate=1e-3, log_every=1, checkpoint_every=2,
+                             image_summary_every=0, progress_bar=False)
+  base = helpers.tiny_task("rp")
+  task = _NaNAfter(options=base.options, image_size=base.image_size)
+  trainer = train.Trainer(str(run), {"rp": task}, TINY_TRUNK, config, {"rp": photos})
+  with pytest.raises(FloatingPointError, match="Non-finite loss at step 4"):
+    trainer.train()
+  assert tf.train.latest_checkpoint(str(run)).endswith("ckpt-2")
+  trunk = checkpoints.restore_trunk(str(run))
+  assert all(np.isfinite(w.numpy()).all() for w in trunk.weights)
