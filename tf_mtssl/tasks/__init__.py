@@ -27,7 +27,10 @@ def task_class(name: str) -> type:
 
 
 def parse_task_list(spec: str) -> List[str]:
-  """'rp,col' -> ['rp', 'col'], validated (no duplicates, all registered, at least one)."""
+  """'rp,col' -> ['rp', 'col'], validated (no duplicates, all registered, at least one); 'all' -> every
+  registered task."""
+  if spec.strip() == "all":
+    return registered_tasks()
   names = [n.strip() for n in spec.split(",") if n.strip()]
   if not names:
     raise ValueError(f"No task given; registered tasks: {', '.join(registered_tasks())}")
