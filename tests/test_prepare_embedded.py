@@ -8,8 +8,10 @@ import shutil
 import cv2
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from tf_mtssl.data import embedded
+from tf_mtssl import motion_masks
 from tf_mtssl.data import prepare_embedded as prep
 
 HAVE_APT = bool(shutil.which("apt-get") and shutil.which("dpkg-deb"))
@@ -25,8 +27,9 @@ def prepared(tmp_path_factory):
   return root, manifest
 
 
-def test_contents_and_manifest(prepared):
+def test_contents_and_manifest(prepared, monkeypatch):
   root, manifest = prepared
+  monkeypatch.setenv("TF_MTSSL_DATA_DIR", str(root))
   assert json.loads((root / "manifest.json").read_text()) == manifest
   paths = {f["path"] for f in manifest["files"]}
   on_disk = {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()} - {"manifest.json"}
@@ -56,6 +59,18 @@ def test_contents_and_manifest(prepared):
     assert disparity.dtype == np.float32 and disparity.shape == left.shape[:2]
     finite = np.isfinite(disparity)
     assert 0.5 < finite.mean() < 1.0 and disparity[finite].min() > 0
+
+  done = json.loads((root / "motion_masks" / motion_masks.DONE_FILE).read_text())
+  assert set(done["videos"]) == {"bikes", "carphone_pristine"} | ({"vtest", "tree"} if HAVE_APT else set())
+  assert done["options"]["max_frames"] == prep.EMBEDDED_MASK_MAX_FRAMES
+  shards = motion_masks.list_shards(str(embedded.motion_masks_dir()))
+  assert {f"motion_masks/{pathlib.Path(s).name}" for s in shards} <= paths
+  count = 0
+  for serialized in tf.data.TFRecordDataset(shards):
+    parsed = motion_masks.parse_example(serialized)
+    assert parsed["image"].shape[:2] == parsed["mask"].shape[:2] and min(parsed["image"].shape[:2]) <= 256
+    count += 1
+  assert count == sum(v["kept"] for v in done["videos"].values()) >= (200 if HAVE_APT else 40)
 
 
 def test_second_run_is_up_to_date(prepared, capsys, monkeypatch):
