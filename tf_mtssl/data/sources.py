@@ -100,10 +100,10 @@ def encoded_images(spec: str, *, split: str = "train", tfds_data_dir: Optional[s
 
 
 def _count_skipped(last_position, element):
-  """scan fn: positions are consecutive before decoding; a gap means images were skipped."""
-  position, image = element
+  """scan fn: positions are consecutive before decoding; a gap means elements were skipped."""
+  position, decoded = element
   skipped = position - last_position - 1
-  return position, (image, skipped)
+  return position, (decoded, skipped)
 
 
 def image_dataset(spec: str, *, seed: int = 0, split: str = "train", shuffle: bool = True,
@@ -121,14 +121,18 @@ def image_dataset(spec: str, *, seed: int = 0, split: str = "train", shuffle: bo
     ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
   if repeat:
     ds = ds.repeat()
+  return decode_skipping_errors(ds, lambda encoded: {"image": decode_rgb(encoded)})
+
+
+def decode_skipping_errors(ds: tf.data.Dataset, decode_fn) -> tf.data.Dataset:
+  """Maps `decode_fn` (raw element -> dict of tensors) in parallel, dropping elements whose decoding
+  fails (corrupt/truncated data) and adding NUM_CORRUPT_KEY: how many were dropped so far."""
   ds = ds.enumerate()
-  ds = ds.map(lambda i, encoded: (i, decode_rgb(encoded)), num_parallel_calls=_AUTOTUNE,
-              deterministic=True)
+  ds = ds.map(lambda i, raw: (i, decode_fn(raw)), num_parallel_calls=_AUTOTUNE, deterministic=True)
   ds = ds.ignore_errors(log_warning=True)
   ds = ds.scan(tf.constant(-1, tf.int64), _count_skipped)
-  ds = ds.scan(tf.constant(0, tf.int64),
-               lambda total, e: (total + e[1], {"image": e[0], NUM_CORRUPT_KEY: total + e[1]}))
-  return ds
+  return ds.scan(tf.constant(0, tf.int64),
+                 lambda total, e: (total + e[1], {**e[0], NUM_CORRUPT_KEY: total + e[1]}))
 
 
 def with_element_seeds(ds: tf.data.Dataset, seed: int) -> tf.data.Dataset:
