@@ -210,3 +210,15 @@ def test_loss_falls_when_overfitting_one_batch(photos_dir):
   losses = helpers.overfit_single_batch(task, batch, steps=25, learning_rate=1e-3)
   assert np.all(np.isfinite(losses))
   assert losses[-5:].mean() < 0.5 * losses[:3].mean(), losses
+
+
+def test_paper_flagfile_builds_the_paper_task():
+  from tf_mtssl import flag_utils
+  cfg = helpers.read_flagfile(helpers.REPO_ROOT / "flags" / "ex.cfg")
+  assert cfg["tasks"] == "ex" and cfg["depth"] == "101" and cfg["output_stride"] == "16"
+  assert cfg["data"] == "tfds:imagenet2012"
+  options = flag_utils.task_options_from_dict(
+      "ex", {k[len("ex_"):]: v for k, v in cfg.items() if k.startswith("ex_")})
+  task = task_registry.make_task("ex", options=options, image_size=int(cfg["image_size"]))
+  assert (task.options.views, task.options.embedding_dim, task.options.margin, task.options.distance) == (
+      8, 1000, 0.5, "cosine")

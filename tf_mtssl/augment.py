@@ -98,13 +98,14 @@ def view_transforms(seed: tf.Tensor, num_views: int, canvas_hw: tf.Tensor, size:
 
 
 def affine_views(canvas: tf.Tensor, transforms: tf.Tensor, size: int) -> tf.Tensor:
-  """Resamples `canvas` float [H, W, C] once per row of `transforms` [V, 8] -> float [V, size, size, C].
+  """Resamples `canvas` [H, W, C] once per row of `transforms` [V, 8] -> [V, size, size, C].
 
-  Bilinear, reflecting at the borders (see module docstring).
+  Bilinear, reflecting at the borders (see module docstring); same dtype as `canvas` (uint8 results
+  are truncated, not rounded, by the op).
   """
   num_views = tf.shape(transforms)[0]
-  # The op pairs image i with transform i; one canvas shared by V views is tiled (a cheap copy next
-  # to the resampling itself).
+  # The op pairs image i with transform i, so the canvas shared by the V views is tiled; callers pass
+  # uint8 canvases to keep this copy 4x smaller than float.
   images = tf.tile(canvas[None], tf.stack([num_views, 1, 1, 1]))
   return tf.raw_ops.ImageProjectiveTransformV3(
       images=images, transforms=tf.cast(transforms, tf.float32),
@@ -114,10 +115,11 @@ def affine_views(canvas: tf.Tensor, transforms: tf.Tensor, size: int) -> tf.Tens
 
 def principal_colour_components(image: tf.Tensor) -> Tuple[tf.Tensor, tf.Tensor]:
   """Mean colour [3] and principal components (columns of a 3x3 orthonormal matrix) of the pixels of
-  `image` float [H, W, 3], estimated on a strided subsample of at most ~_PCA_PIXELS pixels."""
+  `image` [H, W, 3] (uint8, or float in [0, 1]; statistics in [0, 1] units), estimated on a strided
+  subsample of at most ~_PCA_PIXELS pixels."""
   shape = tf.shape(image)
   stride = tf.maximum(1, tf.cast(tf.sqrt(tf.cast(shape[0] * shape[1], tf.float32) / _PCA_PIXELS), tf.int32))
-  pixels = tf.reshape(image[::stride, ::stride], [-1, 3])
+  pixels = tf.reshape(tf.image.convert_image_dtype(image[::stride, ::stride], tf.float32), [-1, 3])
   mean = tf.reduce_mean(pixels, axis=0)
   centred = pixels - mean
   cov = tf.matmul(centred, centred, transpose_a=True) / tf.cast(tf.shape(pixels)[0], tf.float32)
@@ -128,7 +130,11 @@ def principal_colour_components(image: tf.Tensor) -> Tuple[tf.Tensor, tf.Tensor]
 def pca_contrast(views: tf.Tensor, mean: tf.Tensor, components: tf.Tensor, factors: tf.Tensor) -> tf.Tensor:
   """"Contrast 1": x -> mean + E diag(f_v) E^T (x - mean) for views [V, H, W, 3], factors [V, 3]."""
   mixing = tf.einsum("ij,vj,kj->vik", components, factors, components)  # symmetric [V, 3, 3]
-  return mean + tf.einsum("vhwi,vik->vhwk", views - mean, mixing)
+  # One affine map per view, x M + (mean - mean M): a batched [V, H*W, 3] x [V, 3, 3] matmul.
+  offset = mean - tf.einsum("i,vik->vk", mean, mixing)
+  shape = tf.shape(views)
+  mixed = tf.matmul(tf.reshape(views, tf.stack([shape[0], -1, 3])), mixing)
+  return tf.reshape(mixed, shape) + offset[:, None, None, :]
 
 
 def hsv_jitter(views: tf.Tensor, power: tf.Tensor, factor: tf.Tensor, shift: tf.Tensor,
@@ -147,14 +153,16 @@ def hsv_jitter(views: tf.Tensor, power: tf.Tensor, factor: tf.Tensor, shift: tf.
 
 
 def _canvas(image: tf.Tensor, size: int, params: ExemplarAugmentation) -> tf.Tensor:
-  """float32 [0, 1] image; shrunk (anti-aliased) when its seed patch is much larger than a view."""
-  image = tf.cast(image, tf.float32) / 255.0
+  """The uint8 image, shrunk (anti-aliased) when its seed patch is much larger than a view."""
   hw = tf.cast(tf.shape(image)[:2], tf.float32)
   scale = float(size) / (params.seed_crop_fraction * tf.reduce_min(hw))
+  if image.dtype != tf.uint8:
+    image = tf.cast(tf.round(tf.clip_by_value(tf.cast(image, tf.float32), 0.0, 255.0)), tf.uint8)
 
   def shrink():
     new_hw = tf.cast(tf.maximum(tf.round(hw * scale), 1.0), tf.int32)
-    return tf.image.resize(image, new_hw, method="bilinear", antialias=True)
+    small = tf.image.resize(image, new_hw, method="bilinear", antialias=True)
+    return tf.cast(tf.round(tf.clip_by_value(small, 0.0, 255.0)), tf.uint8)
 
   return tf.cond(scale < _MIN_UNFILTERED_SCALE, shrink, lambda: image)
 
@@ -176,8 +184,8 @@ def exemplar_views(image: tf.Tensor, seed: tf.Tensor, num_views: int, size: int,
     raise ValueError(f"num_views and size must be >= 1, got {num_views}, {size}")
   seeds = tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), 7)
   canvas = _canvas(image, size, params)
-  views = affine_views(canvas, view_transforms(seeds[0], num_views, tf.shape(canvas)[:2], size, params),
-                       size)
+  transforms = view_transforms(seeds[0], num_views, tf.shape(canvas)[:2], size, params)
+  views = tf.cast(affine_views(canvas, transforms, size), tf.float32) / 255.0
   mean, components = principal_colour_components(canvas)
   views = pca_contrast(views, mean, components,
                        _log_uniform([num_views, 3], seeds[1], *params.pca_contrast_range))
