@@ -17,6 +17,8 @@ LASSO_MODES = ("none", "pretrain", "eval", "both")
 
 
 def define_trunk_flags():
+  if "depth" in flags.FLAGS:  # idempotent: several binaries' modules may be imported in one process
+    return
   flags.DEFINE_enum("depth", "101", [str(d) for d in sorted(trunk_lib.UNITS_PER_BLOCK)],
                     "ResNet-v2 depth (units of blocks 1-3 as in the full net; paper_spec 2.1: 101).")
   flags.DEFINE_enum("output_stride", "16", [str(s) for s in trunk_lib.VALID_OUTPUT_STRIDES],
@@ -31,6 +33,8 @@ def trunk_config_from_flags() -> dict:
 
 
 def define_lasso_flags():
+  if "lasso" in flags.FLAGS:
+    return
   flags.DEFINE_enum("lasso", "none", list(LASSO_MODES),
                     "paper_spec 5 / table 4: none = No Lasso; pretrain = Pre-train Only; eval = Eval "
                     "Only; both = Lasso. Each binary applies the part that concerns it.")
@@ -81,15 +85,18 @@ def task_options_from_flags(name: str):
   return options_cls(**values)
 
 
-def parse_task_data(entries) -> Dict[str, str]:
-  """['ms=/path/*.tfrecord'] -> {'ms': '/path/*.tfrecord'}; names validated."""
+def parse_task_assignments(entries, flag_name: str, value_type=str) -> Dict[str, object]:
+  """['ms=/path/*.tfrecord'] -> {'ms': '/path/*.tfrecord'}; task names validated, values converted."""
   out = {}
   for entry in entries or []:
     if "=" not in entry:
-      raise ValueError(f"--task_data entries look like TASK=SPEC, got {entry!r}")
-    name, spec = entry.split("=", 1)
+      raise ValueError(f"--{flag_name} entries look like TASK=VALUE, got {entry!r}")
+    name, value = entry.split("=", 1)
     task_registry.task_class(name)
-    out[name] = spec
+    try:
+      out[name] = value_type(value)
+    except ValueError as e:
+      raise ValueError(f"--{flag_name}={entry}: bad value {value!r} ({e})") from e
   return out
 
 

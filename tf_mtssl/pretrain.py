@@ -27,6 +27,7 @@ flags.DEFINE_string("tfds_data_dir", None, "tensorflow-datasets data_dir holding
                     "(None: the tfds default, ~/tensorflow_datasets).")
 flags.DEFINE_integer("image_size", 224, "Side of the square full-image inputs of col/ex/ms (paper_spec 3).")
 flags.DEFINE_integer("batch_size", 32, "Global batch per task (examples of that task's pipeline).")
+flags.DEFINE_multi_string("task_batch_size", [], "Per-task global batch override TASK=N (e.g. rp=56); repeatable.")
 flags.DEFINE_integer("train_steps", 100_000, "Total steps (each step = one batch of every task).")
 flags.DEFINE_float("learning_rate", 0.01, "Peak RMSProp learning rate (paper_spec 4 [I]: 1e-3..1e-2).")
 flags.DEFINE_integer("warmup_steps", 1000, "Linear learning-rate warm-up steps.")
@@ -59,14 +60,17 @@ def main(argv):
                                       image_size=FLAGS.image_size, harmonize=FLAGS.harmonize)
            for n in names}
   config = train.TrainConfig(
-      train_steps=FLAGS.train_steps, batch_size=FLAGS.batch_size, learning_rate=FLAGS.learning_rate,
+      train_steps=FLAGS.train_steps, batch_size=FLAGS.batch_size,
+      task_batch_sizes=flag_utils.parse_task_assignments(FLAGS.task_batch_size, "task_batch_size", int),
+      learning_rate=FLAGS.learning_rate,
       warmup_steps=FLAGS.warmup_steps, rmsprop_rho=FLAGS.rmsprop_rho,
       rmsprop_momentum=FLAGS.rmsprop_momentum, rmsprop_epsilon=FLAGS.rmsprop_epsilon,
       weight_decay=FLAGS.weight_decay, seed=FLAGS.seed, log_every=FLAGS.log_every,
       checkpoint_every=FLAGS.checkpoint_every, keep_checkpoints=FLAGS.keep_checkpoints,
       image_summary_every=FLAGS.image_summary_every, grad_cosine_every=FLAGS.grad_cosine_every,
       progress_bar=FLAGS.progress_bar)
-  data = flag_utils.data_for_tasks(names, FLAGS.data, flag_utils.parse_task_data(FLAGS.task_data))
+  data = flag_utils.data_for_tasks(names, FLAGS.data,
+                                   flag_utils.parse_task_assignments(FLAGS.task_data, "task_data"))
   trainer = train.Trainer(
       FLAGS.model_dir, tasks, flag_utils.trunk_config_from_flags(), config, data,
       tfds_data_dir=FLAGS.tfds_data_dir,

@@ -45,6 +45,7 @@ class TrainConfig:
   """Optimisation and bookkeeping settings (defaults: paper_spec 4 [I] starting values)."""
   train_steps: int = 1000
   batch_size: int = 32                 # global batch per task (examples of that task's pipeline)
+  task_batch_sizes: Dict[str, int] = dataclasses.field(default_factory=dict)  # per-task overrides
   learning_rate: float = 0.01
   warmup_steps: int = 500
   rmsprop_rho: float = 0.9             # paper_spec 4 [I]: TF-slim ImageNet RMSProp settings
@@ -63,11 +64,18 @@ class TrainConfig:
     for name in ("train_steps", "batch_size", "log_every", "checkpoint_every", "keep_checkpoints"):
       if getattr(self, name) <= 0:
         raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+    bad = {k: v for k, v in self.task_batch_sizes.items() if v <= 0}
+    if bad:
+      raise ValueError(f"Per-task batch sizes must be > 0, got {bad}")
     if self.learning_rate <= 0:
       raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
     if not 0 <= self.rmsprop_rho < 1 or not 0 <= self.rmsprop_momentum < 1 or self.rmsprop_epsilon <= 0:
       raise ValueError(f"Bad RMSProp settings: rho={self.rmsprop_rho}, momentum={self.rmsprop_momentum}, "
                        f"epsilon={self.rmsprop_epsilon}")
+
+  def batch_size_for(self, task: str) -> int:
+    """Global batch of `task`: its override, else `batch_size`."""
+    return self.task_batch_sizes.get(task, self.batch_size)
 
 
 class WarmupSchedule(keras.optimizers.schedules.LearningRateSchedule):
@@ -170,6 +178,9 @@ class Trainer:
     missing = [t for t in tasks if t not in data]
     if missing:
       raise ValueError(f"No data source given for tasks {missing}")
+    extra = sorted(set(config.task_batch_sizes) - set(tasks))
+    if extra:
+      raise ValueError(f"Batch sizes given for tasks not trained: {extra} (training {list(tasks)})")
     self.model_dir, self.tasks, self.config, self.data = model_dir, dict(tasks), config, dict(data)
     self.tfds_data_dir = tfds_data_dir
     self.strategy = strategy or tf.distribute.get_strategy()
@@ -225,7 +236,7 @@ class Trainer:
     datasets = {}
     for name, task in self.tasks.items():
       def dataset_fn(ctx, task=task, name=name):
-        per_replica = ctx.get_per_replica_batch_size(self.config.batch_size)
+        per_replica = ctx.get_per_replica_batch_size(self.config.batch_size_for(name))
         return task.build_dataset(self.data[name], per_replica, seed=seed, tfds_data_dir=self.tfds_data_dir,
                                   input_context=ctx)
       datasets[name] = self.strategy.distribute_datasets_from_function(dataset_fn)
@@ -321,7 +332,7 @@ class Trainer:
             for k, v in r.items():
               tf.summary.scalar(f"{n}/{k}", v, step=step)
             tf.summary.scalar(f"{n}/learning_rate", float(self.optimizers[n].learning_rate), step=step)
-            tf.summary.scalar(f"{n}/examples_per_second", steps_per_s * cfg.batch_size, step=step)
+            tf.summary.scalar(f"{n}/examples_per_second", steps_per_s * cfg.batch_size_for(n), step=step)
           for k, v in cosines.items():
             tf.summary.scalar(f"grad_cosine/{k}", float(v), step=step)
           tf.summary.scalar("steps_per_second", steps_per_s, step=step)
