@@ -1,0 +1,174 @@
+"""Tests of the linear evaluation (paper_spec 7.1) and its labelled sources."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import skimage.data
+import skimage.io
+import tensorflow as tf
+
+from tests import helpers
+from tf_mtssl import checkpoints
+from tf_mtssl import trunk as trunk_lib
+from tf_mtssl.data import classification_set
+from tf_mtssl.evaluation import common, linear
+
+SIZE = 48
+
+
+@pytest.fixture(scope="module")
+def toy_folder(tmp_path_factory):
+  return _toy_folder(tmp_path_factory.mktemp("toy"))
+
+
+def _toy_folder(root, per_class=6):
+  """ImageFolder root/{train,val}/<photo>/*.png: tiles of 3 real photos, train/val from disjoint halves."""
+  for name in ("astronaut", "coffee", "chelsea"):
+    photo = getattr(skimage.data, name)()
+    h, w = photo.shape[:2]
+    for split, (x0, x1) in (("train", (0, w // 2)), ("val", (w // 2, w))):
+      os.makedirs(root / split / name, exist_ok=True)
+      rng = np.random.default_rng(len(name) + len(split))
+      for k in range(per_class if split == "train" else 3):
+        y, x = rng.integers(0, h - 96), rng.integers(x0, x1 - 96)
+        skimage.io.imsave(root / split / name / f"{k}.png", photo[y:y + 96, x:x + 96], check_contrast=False)
+  return str(root)
+
+
+def _config(**kw):
+  base = dict(train_steps=10, batch_size=8, eval_batch_size=9, lr_boundaries=(), image_size=SIZE,
+              log_every=10, learning_rate=0.05)
+  return linear.ProbeConfig(**{**base, **kw})
+
+
+def _weights(model):
+  return [np.array(v.numpy()) for v in model.variables]
+
+
+@pytest.mark.parametrize("augment", [False, True])
+def test_frozen_probe_leaves_trunk_weights_bit_identical(toy_folder, augment):
+  source = classification_set.ClassificationSource(toy_folder, image_size=SIZE)
+  assert source.num_classes == 3 and source.class_names == ["astronaut", "chelsea", "coffee"]
+  trunk = trunk_lib.build_trunk(**helpers.TINY_TRUNK)
+  before = _weights(trunk)
+  trainer = linear.ProbeTrainer(trunk, source.num_classes, _config(augment=augment))
+  kernel = trainer.probe.classifier.kernel.numpy().copy()
+  result = trainer.fit(source, "train", "val")
+  assert result["cached_features"] is (not augment)
+  after = _weights(trunk)
+  assert len(before) == len(after) and all(np.array_equal(a, b) for a, b in zip(before, after))
+  assert not np.allclose(trainer.probe.classifier.kernel.numpy(), kernel)  # the classifier did train
+
+
+def test_probe_beats_chance_on_the_embedded_set():
+  source = classification_set.ClassificationSource("embedded", image_size=64)
+  assert source.num_classes == 28  # 31 photos, 3 scenes with two photos each
+  tf.random.set_seed(0)
+  trunk = trunk_lib.build_trunk(**helpers.TINY_TRUNK)
+  config = _config(image_size=64, train_steps=100, batch_size=64, eval_batch_size=224,
+                   learning_rate=0.1, lr_boundaries=(70,))
+  result = linear.ProbeTrainer(trunk, source.num_classes, config).fit(source, "train", "val")
+  assert result["num_train"] == 28 * 24 and result["num_eval"] == 28 * 8
+  chance = 1.0 / 28
+  assert result["top1"] > 3 * chance, result
+  assert result["top5"] > 3 * 5 * chance, result
+
+
+def test_embedded_train_and_val_crops_are_deterministic_and_distinct():
+  source = classification_set.ClassificationSource("embedded", image_size=32)
+  a = [e["image"] for e in source.dataset("val").take(4).as_numpy_iterator()]
+  b = [e["image"] for e in source.dataset("val").take(4).as_numpy_iterator()]
+  t = [e["image"] for e in source.dataset("train").take(4).as_numpy_iterator()]
+  assert all(np.array_equal(x, y) for x, y in zip(a, b))
+  assert not any(np.array_equal(x, y) for x, y in zip(a, t))
+  with pytest.raises(ValueError, match="splits"):
+    source.dataset("test")
+
+
+def test_eval_lasso_row_exists_is_trained_and_penalised(toy_folder):
+  source = classification_set.ClassificationSource(toy_folder, image_size=SIZE)
+  trunk = trunk_lib.build_trunk(depth=26, output_stride=16, base_width=8)  # 2 block-3 units
+  l1 = 0.05
+  trainer = linear.ProbeTrainer(trunk, source.num_classes, _config(lasso_l1=l1))
+  probe = trainer.probe
+  assert probe.lasso is not None and probe.lasso.rows == [common.EVAL_LASSO_ROW]
+  alpha_var = probe.lasso.alpha_variable(common.EVAL_LASSO_ROW)
+  assert any(v is alpha_var for v in probe.trainable_variables)
+  before = alpha_var.numpy().copy()
+  images, labels, _ = next(iter(linear.image_batches(source, "train", trainer.config, False, 8)))
+  pooled = linear.pooled_features(trunk, images, 3, per_unit=True)
+  assert pooled.shape[1] == 2  # one pooled map per unit
+  out = trainer.train_step_pooled(pooled, labels)
+  alpha = before / np.linalg.norm(before)
+  np.testing.assert_allclose(float(out["lasso_l1"]), l1 * np.abs(alpha).sum(), rtol=1e-6)
+  np.testing.assert_allclose(float(out["loss"]), float(out["cross_entropy"]) + l1 * np.abs(alpha).sum(),
+                             rtol=1e-5)
+  for _ in range(5):
+    trainer.train_step_pooled(pooled, labels)
+  assert not np.allclose(alpha_var.numpy(), before)  # the row is trained
+  assert len(probe.alpha()) == 2
+
+
+def test_cached_per_unit_features_give_the_same_logits_as_combining_first():
+  """Pooling and the alpha combination commute, so the cached path is exact."""
+  trunk = trunk_lib.build_trunk(depth=26, output_stride=16, base_width=8)
+  probe = linear.LinearProbe(4, 2, 128, feature_norm="none", lasso_l1=0.01)
+  probe.lasso.alpha_variable(common.EVAL_LASSO_ROW).assign([0.3, -0.8])
+  images = tf.random.uniform([2, 64, 64, 3], 0, 255, seed=1)
+  cached = probe.logits(linear.pooled_features(trunk, images, 3, per_unit=True), training=False)
+  from tf_mtssl import preprocessing
+  from tf_mtssl.export_lib import pool_to_grid
+  units = trunk(preprocessing.rgb_to_trunk_input(images), training=False)["units"]
+  combined = pool_to_grid(probe.lasso(units, row=common.EVAL_LASSO_ROW), 3)
+  direct = probe.classifier(tf.reshape(combined, [2, -1]))
+  np.testing.assert_allclose(cached.numpy(), direct.numpy(), rtol=1e-4, atol=1e-4)
+
+
+def test_run_directory_without_checkpoint_is_a_clear_error(tmp_path):
+  checkpoints.save_run_config(str(tmp_path), {"trunk": helpers.TINY_TRUNK})
+  with pytest.raises(FileNotFoundError, match="No checkpoint in"):
+    common.load_trunk("pretrained", model_dir=str(tmp_path))
+  with pytest.raises(FileNotFoundError, match="run_config.json is missing"):
+    common.load_trunk("pretrained", model_dir=str(tmp_path / "nothing"))
+  with pytest.raises(ValueError, match="exactly one"):
+    common.load_trunk("pretrained")
+  # The random baseline takes the run's architecture (no checkpoint needed).
+  trunk, info = common.load_trunk("random", model_dir=str(tmp_path))
+  assert info["trunk"] == helpers.TINY_TRUNK and common.feature_channels(trunk) == 128
+
+
+def test_folder_with_unknown_val_label_and_tfrecords(tmp_path):
+  root = _toy_folder(tmp_path / "folder", per_class=1)
+  os.makedirs(os.path.join(root, "val", "zebra"))
+  source = classification_set.ClassificationSource(root, image_size=SIZE)
+  with pytest.raises(ValueError, match="zebra"):
+    source.dataset("val")
+  # TFRecords (slim convention, labels 1-based): {split} pattern, label_offset, label scan.
+  encoded = tf.io.encode_png(skimage.data.astronaut()[:64, :64]).numpy()
+  for split, labels in (("train", [1, 2, 3, 2]), ("validation", [3, 1])):
+    with tf.io.TFRecordWriter(str(tmp_path / f"{split}-00000-of-00001")) as w:
+      for label in labels:
+        ex = tf.train.Example(features=tf.train.Features(feature={
+            "image/encoded": tf.train.Feature(bytes_list=tf.train.BytesList(value=[encoded])),
+            "image/class/label": tf.train.Feature(int64_list=tf.train.Int64List(value=[label]))}))
+        w.write(ex.SerializeToString())
+  source = classification_set.ClassificationSource(str(tmp_path / "{split}-*"), label_offset=1)
+  assert source.num_classes == 3 and source.default_eval_split() == "validation"
+  assert [int(e["label"]) for e in source.dataset("validation").as_numpy_iterator()] == [2, 0]
+  with pytest.raises(ValueError, match="split"):
+    classification_set.ClassificationSource(str(tmp_path / "train-*"))
+
+
+def test_binary_writes_result_json(tmp_path, toy_folder):
+  from absl.testing import flagsaver
+  from tf_mtssl import evaluate_linear
+  with flagsaver.flagsaver(init="random", depth="14", base_width=8, data=toy_folder,
+                           image_size=SIZE, train_steps=5, lr_boundaries=[], batch_size=8,
+                           output_dir=str(tmp_path / "out")):
+    evaluate_linear.FLAGS.mark_as_parsed()
+    evaluate_linear.main([])
+  result = json.loads((tmp_path / "out" / "result.json").read_text())
+  assert 0.0 <= result["top1"] <= result["top5"] <= 1.0 and result["trunk"]["init"] == "random"
+  assert result["eval_split"] == "val" and result["num_classes"] == 3
