@@ -10,6 +10,7 @@ _REGISTRY: Dict[str, str] = {
     "rp": "tf_mtssl.tasks.relative_position:RelativePositionTask",
     "ex": "tf_mtssl.tasks.exemplar:ExemplarTask",
     "col": "tf_mtssl.tasks.colorization:ColorizationTask",
+    "ms": "tf_mtssl.tasks.motion_segmentation:MotionSegmentationTask",
 }
 
 
