@@ -177,7 +177,7 @@ def image_batches(source: classification_set.ClassificationSource, split: str, c
 def extract_features(trunk: keras.Model, batches: Iterable, grid: int,
                      per_unit: bool) -> Tuple[np.ndarray, np.ndarray, int]:
   """(pooled features [M, ...], labels [M], images skipped as unreadable) of one pass."""
-  fn = tf.function(lambda images: pooled_features(trunk, images, grid, per_unit))
+  fn = tf.function(lambda images: pooled_features(trunk, images, grid, per_unit), autograph=False)
   feats, labels, corrupt = [], [], 0
   for images, batch_labels, num_corrupt in batches:
     feats.append(fn(images).numpy())
@@ -231,22 +231,24 @@ class ProbeTrainer:
     out["top1"] = metrics.top_k_accuracy(labels, logits, 1)
     return out
 
-  @tf.function
+  # autograph=False: no tensor-dependent Python control flow here, and skipping the conversion
+  # cuts the first (tracing) step by about a third on CPU.
+  @tf.function(autograph=False)
   def train_step_pooled(self, pooled, labels):
     """One SGD step on pooled features; returns the loss terms (computed before the update)."""
     return self._apply(pooled, labels)
 
-  @tf.function
+  @tf.function(autograph=False)
   def train_step_images(self, images, labels):
     return self._apply(pooled_features(self.trunk, images, self.config.grid, self.probe.per_unit), labels)
 
-  @tf.function
+  @tf.function(autograph=False)
   def _eval_pooled(self, pooled, labels):
     logits, out = self._losses(pooled, labels, training=False)
     return (metrics.top_k_accuracy(labels, logits, 1), metrics.top_k_accuracy(labels, logits, self.top5_k),
             out["cross_entropy"])
 
-  @tf.function
+  @tf.function(autograph=False)
   def _pool(self, images):
     return pooled_features(self.trunk, images, self.config.grid, self.probe.per_unit)
 

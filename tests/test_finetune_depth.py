@@ -1,0 +1,120 @@
+"""Tests of depth fine-tuning (paper_spec 7.3) and its sources."""
+
+import json
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tests import helpers
+from tf_mtssl import trunk as trunk_lib
+from tf_mtssl.data import depth_sources
+from tf_mtssl.evaluation import common, depth
+
+CROP = 64
+
+
+def _network(lasso_l1=None, **trunk_kw):
+  trunk = trunk_lib.build_trunk(**{**helpers.TINY_TRUNK, **trunk_kw})
+  return depth.DepthNetwork(trunk, num_upprojections=3, lasso_l1=lasso_l1)
+
+
+def test_unpool_puts_each_value_top_left_of_a_zero_block():
+  x = tf.reshape(tf.range(1.0, 5.0), [1, 2, 2, 1])
+  up = depth.Unpool2x()(x)[0, :, :, 0].numpy()
+  np.testing.assert_array_equal(up, [[1, 0, 2, 0], [0, 0, 0, 0], [3, 0, 4, 0], [0, 0, 0, 0]])
+
+
+def test_decoder_output_is_upsampled_to_the_input():
+  net = _network()
+  assert net.decoder.output.shape[-1] == 1
+  assert net(tf.zeros([2, CROP, 80, 3]), training=False).shape == (2, CROP, 80)
+
+
+def test_berhu_matches_its_definition_and_ignores_invalid_pixels():
+  pred = tf.constant([[1.0, 2.0, 3.0, 100.0]])
+  gt = tf.constant([[1.5, 2.0, 1.0, 0.0]])  # last pixel invalid (0): its huge residual is ignored
+  valid = depth.valid_mask(gt)
+  r = np.array([0.5, 0.0, 2.0])
+  c = 0.2 * 2.0
+  expected = np.where(r <= c, r, (r ** 2 + c ** 2) / (2 * c)).mean()
+  np.testing.assert_allclose(float(depth.berhu_loss(pred, gt, valid)), expected, rtol=1e-6)
+  assert float(depth.berhu_loss(pred, tf.zeros_like(gt), depth.valid_mask(tf.zeros_like(gt)))) == 0.0
+
+
+def test_stereo_split_train_and_test_never_share_a_pixel():
+  source = depth_sources.DepthSource("embedded", crop_height=CROP, crop_width=CROP)
+  assert set(p.name for p in source.pairs) == {"aloe", "motorcycle"}
+  for pair in source.pairs:
+    cut = int(pair.target.shape[1] * (1 - source.test_fraction))
+    lefts = [left for name, _, left in source.test_tiles() if name == pair.name]
+    assert lefts and min(lefts) >= cut
+  test = list(source.test_dataset().as_numpy_iterator())
+  assert len(test) == len(source.test_tiles())
+  train = next(iter(source.train_dataset(seed=0).batch(4)))
+  assert train["image"].shape == (4, CROP, CROP, 3) and train["depth"].shape == (4, CROP, CROP)
+  assert float(tf.reduce_max(train["depth"])) > 0.0  # inverse depth from disparity
+
+
+def test_depth_fine_tuning_overfits_a_tiny_set():
+  source = depth_sources.DepthSource("embedded", crop_height=CROP, crop_width=CROP)
+  tiles = next(iter(source.test_dataset().batch(4)))  # 4 fixed real crops with ground truth
+  tf.random.set_seed(0)
+  config = depth.DepthConfig(train_steps=25, batch_size=4, optimizer="sgd", learning_rate=0.01,
+                             lr_boundaries=(), weight_decay=0.0)
+  trainer = depth.DepthTrainer(_network(), config)
+  outs = [trainer.train_step(tiles) for _ in range(config.train_steps)]
+  losses = np.array([float(o["berhu"]) for o in outs])
+  delta1 = np.array([float(o["delta1"]) for o in outs])  # of each step's (training-mode) prediction
+  assert losses[-5:].mean() < 0.5 * losses[:5].mean(), losses
+  assert delta1[-5:].mean() > delta1[:5].mean() + 0.3 and delta1[-5:].mean() > 0.6, delta1
+  assert trainer.skipped_train_batches == 0
+
+
+def test_batches_without_valid_ground_truth_are_skipped_and_counted():
+  trainer = depth.DepthTrainer(_network(), depth.DepthConfig(lr_boundaries=()))
+  images = tf.random.uniform([2, CROP, CROP, 3], 0, 255, seed=2)
+  empty = {"image": images, "depth": tf.zeros([2, CROP, CROP])}
+  weights = [v.numpy().copy() for v in trainer.network.trainable_variables]
+  assert trainer.train_step(empty) is None and trainer.skipped_train_batches == 1
+  assert all(np.array_equal(w, v.numpy()) for w, v in zip(weights, trainer.network.trainable_variables))
+  valid = {"image": images, "depth": tf.fill([2, CROP, CROP], 2.0)}
+  result = trainer.evaluate(tf.data.Dataset.from_tensors(empty).concatenate(
+      tf.data.Dataset.from_tensors(valid)))
+  assert result["skipped_test_batches"] == 1 and result["test_batches"] == 2
+  assert all(np.isfinite(result[k]) for k in ("delta1", "abs_rel", "rmse", "rmse_log", "log10"))
+  assert result["num_valid_pixels"] == 2 * CROP * CROP
+  with pytest.raises(ValueError, match="No valid ground-truth pixel"):
+    trainer.evaluate(tf.data.Dataset.from_tensors(empty))
+
+
+def test_eval_lasso_row_exists_and_is_penalised():
+  l1 = 0.05
+  network = _network(lasso_l1=l1, depth=26)  # 2 block-3 units
+  trainer = depth.DepthTrainer(network, depth.DepthConfig(lr_boundaries=()))
+  alpha_var = network.lasso.alpha_variable(common.EVAL_LASSO_ROW)
+  assert network.lasso.rows == [common.EVAL_LASSO_ROW]
+  assert any(v is alpha_var for v in network.trainable_variables)
+  alpha_var.assign([0.6, -0.8])
+  images = tf.random.uniform([2, CROP, CROP, 3], 0, 255, seed=3)
+  gt = tf.random.uniform([2, CROP, CROP], 1.0, 3.0, seed=4)
+  _, out = trainer._loss(images, gt, training=True)  # eager: the terms of the training loss
+  np.testing.assert_allclose(float(out["lasso_l1"]), l1 * 1.4, rtol=1e-6)
+  np.testing.assert_allclose(float(out["loss"]), float(out["berhu"]) + l1 * 1.4, rtol=1e-5)
+
+
+def test_binary_trains_the_eval_lasso_row_on_the_embedded_pairs(tmp_path):
+  from absl.testing import flagsaver
+  from tf_mtssl import finetune_depth
+  with flagsaver.flagsaver(init="random", depth="26", base_width=8, crop_height=CROP, crop_width=CROP,
+                           train_steps=3, batch_size=2, eval_batch_size=32, lr_boundaries=[],
+                           learning_rate=0.01, lasso="eval", lasso_l1=0.05,
+                           output_dir=str(tmp_path)):
+    finetune_depth.FLAGS.mark_as_parsed()
+    finetune_depth.main([])
+  result = json.loads((tmp_path / "result.json").read_text())
+  assert 0.0 <= result["delta1"] <= 1.0 and result["data"]["kind"] == "stereo"
+  assert result["skipped_train_batches"] == 0 and result["trunk"]["init"] == "random"
+  alpha = np.array(result["eval_lasso_alpha"])
+  assert alpha.shape == (2,) and not np.allclose(alpha, [0.0, 1.0])  # trained away from its init
+  assert result["final_train"]["lasso_l1"] > 0

@@ -1,0 +1,108 @@
+"""Depth fine-tuning binary (paper_spec 7.3): trunk + FCRN up-projection decoder, berHu, delta < 1.25.
+
+  python -m tf_mtssl.finetune_depth --model_dir=runs/pretrain                 # embedded stereo pairs
+  python -m tf_mtssl.finetune_depth --init=random --model_dir=runs/pretrain   # Random Init row
+  python -m tf_mtssl.finetune_depth --flagfile=flags/depth_nyu.cfg --model_dir=runs/mtl \
+      --tfds_data_dir=/data/tfds
+
+The whole network is fine-tuned; the test split is evaluated with `tf_mtssl.metrics.depth_metrics`
+(printed, written to TensorBoard under --output_dir and to --output_dir/result.json). See
+`tf_mtssl.evaluation.depth` (network, loss) and `tf_mtssl.data.depth_sources` (data, splits).
+"""
+
+import dataclasses
+import logging
+import os
+
+from absl import app, flags
+
+from tf_mtssl import flag_utils
+from tf_mtssl.data import depth_sources
+from tf_mtssl.evaluation import common, depth
+
+FLAGS = flags.FLAGS
+
+flags.DEFINE_enum("init", "pretrained", list(common.INIT_MODES),
+                  "pretrained: the trunk of --model_dir or --trunk_keras; random: random weights (the "
+                  "paper's Random Init baseline, paper_spec 7.4), architecture of --model_dir if given, "
+                  "else of --depth/--output_stride/--base_width.")
+flags.DEFINE_string("model_dir", "", "Pretraining run directory (run_config.json + checkpoints).")
+flags.DEFINE_string("checkpoint", "", "Checkpoint prefix in --model_dir (e.g. ckpt-100); empty = latest.")
+flags.DEFINE_string("trunk_keras", "", "An exported trunk: trunk.keras file or export directory, "
+                    "instead of --model_dir.")
+flags.DEFINE_string("data", "embedded", "Depth data: 'embedded' (the embedded Middlebury stereo pairs, "
+                    "inverse depth from disparity), a folder of stereo pairs in that layout, or "
+                    "'tfds:nyu_depth_v2' (prepared in --tfds_data_dir, never downloaded).")
+flags.DEFINE_string("tfds_data_dir", None, "tensorflow-datasets data_dir with prepared datasets "
+                    "(None: the tfds default, ~/tensorflow_datasets).")
+flags.DEFINE_string("train_split", "train", "tfds: training split.")
+flags.DEFINE_string("test_split", "validation", "tfds: test split (nyu_depth_v2: the 654 test images).")
+flags.DEFINE_integer("crop_height", 128, "Height of training crops and test crops/tiles "
+                     "(paper_spec 7.3 [I] NYU: 228).")
+flags.DEFINE_integer("crop_width", 128, "Width of training crops and test crops/tiles "
+                     "(paper_spec 7.3 [I] NYU: 304).")
+flags.DEFINE_integer("resize_height", 0, "tfds: resize before cropping (0: keep; NYU [I]: 240).")
+flags.DEFINE_integer("resize_width", 0, "tfds: resize before cropping (0: keep; NYU [I]: 320).")
+flags.DEFINE_integer("stereo_max_side", 768, "Stereo pairs: resize so the longer side is at most this.")
+flags.DEFINE_float("test_fraction", 1.0 / 3.0, "Stereo pairs: right fraction of each pair's columns held "
+                   "out as the test split.")
+flags.DEFINE_integer("decoder_upprojections", 3, "FCRN up-projection blocks (3: stride 16 -> 2) [I].")
+flags.DEFINE_integer("decoder_width", 0, "Channels after the decoder's 1x1 conv; 0 = block-3 channels / 2.")
+flags.DEFINE_float("berhu_c", depth.BERHU_C_FRACTION, "berHu threshold as a fraction of the batch's "
+                   "largest residual (Laina et al.: 0.2).")
+flags.DEFINE_integer("batch_size", 8, "Training batch (FCRN [I]: 16).")
+flags.DEFINE_integer("eval_batch_size", 8, "Test batch.")
+flags.DEFINE_integer("train_steps", 1000, "Training steps.")
+flags.DEFINE_enum("optimizer", "sgd", list(depth.OPTIMIZERS), "sgd (with momentum, FCRN [I]) or adam.")
+flags.DEFINE_float("learning_rate", 0.01, "Initial learning rate (FCRN [I]: 1e-2).")
+flags.DEFINE_list("lr_boundaries", ["600", "800"], "Steps after which the learning rate is multiplied "
+                  "by --lr_decay.")
+flags.DEFINE_float("lr_decay", 0.1, "Learning-rate factor at each boundary.")
+flags.DEFINE_float("momentum", 0.9, "SGD momentum (FCRN [I]: 0.9).")
+flags.DEFINE_float("weight_decay", 1e-4, "Decoupled weight decay on kernels [I].")
+flags.DEFINE_float("clipnorm", 0.0, "Clip the global gradient norm to this; 0 = no clipping [I].")
+flags.DEFINE_integer("eval_every", 0, "Steps between test evaluations (0: only at the end).")
+flags.DEFINE_integer("log_every", 50, "Steps between training logs.")
+flags.DEFINE_integer("seed", 0, "Seed of random init and of the training crops.")
+flags.DEFINE_string("output_dir", "runs/finetune_depth", "TensorBoard summaries and result.json.")
+flag_utils.define_trunk_flags()
+flag_utils.define_lasso_flags()
+
+
+def main(argv):
+  del argv
+  logging.getLogger().setLevel(logging.INFO)
+  trunk, trunk_info = common.load_trunk(
+      FLAGS.init, model_dir=FLAGS.model_dir, checkpoint=FLAGS.checkpoint, trunk_keras=FLAGS.trunk_keras,
+      trunk_config=flag_utils.trunk_config_from_flags(), seed=FLAGS.seed)
+  source = depth_sources.DepthSource(
+      FLAGS.data, crop_height=FLAGS.crop_height, crop_width=FLAGS.crop_width,
+      resize_height=FLAGS.resize_height, resize_width=FLAGS.resize_width, train_split=FLAGS.train_split,
+      test_split=FLAGS.test_split, tfds_data_dir=FLAGS.tfds_data_dir,
+      stereo_max_side=FLAGS.stereo_max_side, test_fraction=FLAGS.test_fraction)
+  config = depth.DepthConfig(
+      train_steps=FLAGS.train_steps, batch_size=FLAGS.batch_size, eval_batch_size=FLAGS.eval_batch_size,
+      optimizer=FLAGS.optimizer, learning_rate=FLAGS.learning_rate,
+      lr_boundaries=tuple(int(b) for b in FLAGS.lr_boundaries), lr_decay=FLAGS.lr_decay,
+      momentum=FLAGS.momentum, weight_decay=FLAGS.weight_decay, clipnorm=FLAGS.clipnorm,
+      berhu_c=FLAGS.berhu_c, eval_every=FLAGS.eval_every, log_every=FLAGS.log_every, seed=FLAGS.seed)
+  network = depth.DepthNetwork(
+      trunk, num_upprojections=FLAGS.decoder_upprojections, width=FLAGS.decoder_width,
+      lasso_l1=FLAGS.lasso_l1 if flag_utils.lasso_applies(FLAGS.lasso, "eval") else None)
+  print(f"Depth fine-tuning (paper_spec 7.3): {trunk_info}; data {source.describe()}; {config}")
+  result = depth.DepthTrainer(network, config).fit(source.train_dataset(seed=FLAGS.seed),
+                                                   source.test_dataset(), summary_dir=FLAGS.output_dir)
+  result.update(trunk=trunk_info, data=source.describe(), lasso=FLAGS.lasso,
+                config=dataclasses.asdict(config), flags=FLAGS.flag_values_dict())
+  path = os.path.join(FLAGS.output_dir, "result.json")
+  common.write_json(path, result)
+  print(f"delta1={result['delta1']:.4f} delta2={result['delta2']:.4f} delta3={result['delta3']:.4f} "
+        f"abs_rel={result['abs_rel']:.4f} rmse={result['rmse']:.4f} ({result['num_valid_pixels']} valid "
+        f"test pixels; skipped batches without valid ground truth: train "
+        f"{result['skipped_train_batches']}, test {result['skipped_test_batches']})")
+  print(f"Result:      {os.path.abspath(path)}")
+  print(f"TensorBoard: tensorboard --logdir {os.path.abspath(FLAGS.output_dir)}")
+
+
+if __name__ == "__main__":
+  app.run(flag_utils.run_main(main))
