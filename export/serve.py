@@ -28,8 +28,9 @@ flags.DEFINE_integer("rest_port", None, "REST API port (0: any free port); unset
 flags.DEFINE_string("host", "0.0.0.0", "Address to bind (127.0.0.1: this machine only).")
 flags.DEFINE_string("model_name", "tf_mtssl", "Model name clients put in model_spec.name / the URL.")
 flags.DEFINE_integer("num_threads", 8, "gRPC worker threads (concurrent requests in flight).")
-flags.DEFINE_boolean("batching", True, "Merge compatible requests that arrive while the model is busy "
-                     "into one call (no added latency when idle).")
+flags.DEFINE_enum("batching", "auto", ["auto", "on", "off"], "Merge compatible requests that arrive "
+                  "while the model is busy into one call (no added latency when idle). auto: on with a "
+                  "GPU, off on CPU, where larger batches measured no faster (bench/serving_latency.py).")
 flags.DEFINE_integer("max_batch_size", 16, "Most examples in one merged call.")
 flags.DEFINE_float("batch_timeout_ms", 0.0, "How long a batch waits for more requests before running; "
                    "0: never wait (best on CPU, see bench/serving_latency.py).")
@@ -50,12 +51,14 @@ def main(argv):
   servers = server_lib.start(
       FLAGS.export_dir, port=FLAGS.port, rest_port=FLAGS.rest_port, host=FLAGS.host,
       model_name=FLAGS.model_name, num_threads=FLAGS.num_threads, max_message_mb=FLAGS.max_message_mb,
-      batching=FLAGS.batching, max_batch_size=FLAGS.max_batch_size,
+      batching=server_lib.resolve_batching(FLAGS.batching), max_batch_size=FLAGS.max_batch_size,
       batch_timeout_ms=FLAGS.batch_timeout_ms, num_batch_threads=FLAGS.num_batch_threads,
       poll_seconds=FLAGS.poll_seconds)
   model = servers.core.model
   print(f"Serving model '{FLAGS.model_name}' version {model.version} from {model.path} "
         f"(signatures: {', '.join(sorted(model.signatures))})", flush=True)
+  batcher = servers.core.batcher
+  print("Dynamic batching: " + (f"on (max batch {batcher.max_batch_size})" if batcher else "off"), flush=True)
   print(f"gRPC PredictionService listening on {FLAGS.host} port {servers.grpc_port}", flush=True)
   if servers.rest_port is not None:
     print(f"REST API listening on {FLAGS.host} port {servers.rest_port} "

@@ -43,7 +43,8 @@ class _Server:
   def __init__(self, export_dir: str):
     self.proc = subprocess.Popen(
         [sys.executable, "-m", "export.serve", f"--export_dir={export_dir}", "--port=0", "--rest_port=0",
-         "--host=127.0.0.1", "--poll_seconds=1"],
+         "--host=127.0.0.1", "--poll_seconds=1",
+         "--batching=on"],  # the merging path with the real model (auto turns it off on a CPU)
         cwd=helpers.REPO_ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     self.lines: "queue.Queue[str]" = queue.Queue()
     self.output = []
@@ -298,3 +299,6 @@ def test_batcher_merges_requests_that_arrive_while_busy_and_isolates_bad_ones():
     assert signature.calls[:2] == [1, 5] and signature.calls[2:] == [1] * 5
   finally:
     batcher.stop()
+  assert server_lib.resolve_batching("on") and not server_lib.resolve_batching("off")
+  with pytest.raises(ValueError, match="batching must be one of"):
+    server_lib.resolve_batching("sometimes")

@@ -42,7 +42,6 @@ import tensorflow as tf
 
 from tf_mtssl import checkpoints
 from tf_mtssl import preprocessing
-from tf_mtssl import trunk as trunk_lib
 
 SERVING_DEFAULT = "serving_default"
 IMAGE_TENSOR = "image_tensor"
@@ -312,7 +311,3 @@ def load_keras_trunk(path: str) -> keras.Model:
   if not os.path.isfile(file):
     raise FileNotFoundError(f"{file} is missing: not a tf_mtssl export")
   return keras.models.load_model(file)
-
-
-def num_units_of(trunk_config: dict) -> int:
-  return trunk_lib.num_block3_units(trunk_config["depth"])
