@@ -9,7 +9,7 @@ if [ -f export/export_saved_model.py ]; then
   .venv/bin/python -m export.export_saved_model --model_dir="$RUN_DIR" --export_dir="$EXPORT_DIR"
 fi
 echo
-echo "TensorBoard logs: $(pwd)/$RUN_DIR/train   (tensorboard --logdir $RUN_DIR)"
-echo "Checkpoints:      $(pwd)/$RUN_DIR"
-[ -d "$EXPORT_DIR" ] && echo "Export:           $(pwd)/$EXPORT_DIR"
+echo "TensorBoard logs: $(realpath "$RUN_DIR")/train   (tensorboard --logdir $RUN_DIR)"
+echo "Checkpoints:      $(realpath "$RUN_DIR")"
+[ -d "$EXPORT_DIR" ] && echo "Export:           $(realpath "$EXPORT_DIR")"
 exit 0
