@@ -2,6 +2,8 @@
 
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -161,14 +163,40 @@ def test_folder_with_unknown_val_label_and_tfrecords(tmp_path):
     classification_set.ClassificationSource(str(tmp_path / "train-*"))
 
 
+def _run_binary(*args):
+  """The binary in its own process (binaries define absl flags at import, as pretrain does)."""
+  return subprocess.run([sys.executable, "-m", "tf_mtssl.evaluate_linear", *args], capture_output=True,
+                        text=True, timeout=300, cwd=helpers.REPO_ROOT,
+                        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+
+
 def test_binary_writes_result_json(tmp_path, toy_folder):
-  from absl.testing import flagsaver
-  from tf_mtssl import evaluate_linear
-  with flagsaver.flagsaver(init="random", depth="14", base_width=8, data=toy_folder,
-                           image_size=SIZE, train_steps=5, lr_boundaries=[], batch_size=8,
-                           output_dir=str(tmp_path / "out")):
-    evaluate_linear.FLAGS.mark_as_parsed()
-    evaluate_linear.main([])
+  run = _run_binary("--init=random", "--depth=14", "--base_width=8", f"--data={toy_folder}",
+                    f"--image_size={SIZE}", "--train_steps=5", "--lr_boundaries=", "--batch_size=8",
+                    f"--output_dir={tmp_path / 'out'}")
+  assert run.returncode == 0, run.stderr[-3000:]
   result = json.loads((tmp_path / "out" / "result.json").read_text())
   assert 0.0 <= result["top1"] <= result["top5"] <= 1.0 and result["trunk"]["init"] == "random"
   assert result["eval_split"] == "val" and result["num_classes"] == 3
+  assert "top1=" in run.stdout and "chance top1=0.3333" in run.stdout
+
+
+def test_binary_on_a_run_without_checkpoint_fails_with_one_clear_line(tmp_path):
+  checkpoints.save_run_config(str(tmp_path), {"trunk": helpers.TINY_TRUNK})
+  run = _run_binary(f"--model_dir={tmp_path}", f"--output_dir={tmp_path / 'out'}")
+  assert run.returncode == 2 and f"Error: No checkpoint in {tmp_path}" in run.stderr
+  assert "Traceback" not in run.stderr
+
+
+def test_tfds_source_reads_a_prepared_dataset_offline(tmp_path):
+  """tfds:imagenet2012 via tfds' offline mock (random images): features, labels, class names."""
+  import tensorflow_datasets as tfds
+  with tfds.testing.mock_data(num_examples=3, data_dir=str(tmp_path)):
+    os.makedirs(tfds.builder("imagenet2012", data_dir=str(tmp_path)).data_dir)  # "prepared"
+    source = classification_set.ClassificationSource("tfds:imagenet2012", tfds_data_dir=str(tmp_path))
+    assert source.num_classes == 1000 and source.class_names[0] == "n01440764"
+    assert source.default_eval_split() == "validation"
+    examples = list(source.dataset("validation").as_numpy_iterator())
+  assert len(examples) == 3 and all(0 <= e["label"] < 1000 and e["image"].ndim == 3 for e in examples)
+  with pytest.raises(FileNotFoundError, match="never downloads"):
+    classification_set.ClassificationSource("tfds:imagenet2012", tfds_data_dir=str(tmp_path / "none"))

@@ -1,6 +1,9 @@
 """Tests of depth fine-tuning (paper_spec 7.3) and its sources."""
 
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -78,12 +81,14 @@ def test_batches_without_valid_ground_truth_are_skipped_and_counted():
   weights = [v.numpy().copy() for v in trainer.network.trainable_variables]
   assert trainer.train_step(empty) is None and trainer.skipped_train_batches == 1
   assert all(np.array_equal(w, v.numpy()) for w, v in zip(weights, trainer.network.trainable_variables))
-  valid = {"image": images, "depth": tf.fill([2, CROP, CROP], 2.0)}
+  valid = {"image": images[:1], "depth": tf.fill([1, CROP, CROP], 2.0)}  # a smaller last batch (padded)
   result = trainer.evaluate(tf.data.Dataset.from_tensors(empty).concatenate(
       tf.data.Dataset.from_tensors(valid)))
   assert result["skipped_test_batches"] == 1 and result["test_batches"] == 2
   assert all(np.isfinite(result[k]) for k in ("delta1", "abs_rel", "rmse", "rmse_log", "log10"))
-  assert result["num_valid_pixels"] == 2 * CROP * CROP
+  assert result["num_valid_pixels"] == CROP * CROP
+  alone = trainer.evaluate(tf.data.Dataset.from_tensors(valid))  # unpadded: the same metrics
+  assert all(np.isclose(alone[k], result[k], rtol=1e-5) for k in ("delta1", "abs_rel", "rmse"))
   with pytest.raises(ValueError, match="No valid ground-truth pixel"):
     trainer.evaluate(tf.data.Dataset.from_tensors(empty))
 
@@ -104,17 +109,34 @@ def test_eval_lasso_row_exists_and_is_penalised():
 
 
 def test_binary_trains_the_eval_lasso_row_on_the_embedded_pairs(tmp_path):
-  from absl.testing import flagsaver
-  from tf_mtssl import finetune_depth
-  with flagsaver.flagsaver(init="random", depth="26", base_width=8, crop_height=CROP, crop_width=CROP,
-                           train_steps=3, batch_size=2, eval_batch_size=32, lr_boundaries=[],
-                           learning_rate=0.01, lasso="eval", lasso_l1=0.05,
-                           output_dir=str(tmp_path)):
-    finetune_depth.FLAGS.mark_as_parsed()
-    finetune_depth.main([])
+  # In its own process: binaries define absl flags at import, as pretrain does.
+  run = subprocess.run(
+      [sys.executable, "-m", "tf_mtssl.finetune_depth", "--init=random", "--depth=26", "--base_width=8",
+       f"--crop_height={CROP}", f"--crop_width={CROP}", "--train_steps=3", "--batch_size=2",
+       "--eval_batch_size=32", "--lr_boundaries=", "--learning_rate=0.01", "--lasso=eval",
+       "--lasso_l1=0.05", f"--output_dir={tmp_path}"],
+      capture_output=True, text=True, timeout=300, cwd=helpers.REPO_ROOT,
+      env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+  assert run.returncode == 0, run.stderr[-3000:]
   result = json.loads((tmp_path / "result.json").read_text())
   assert 0.0 <= result["delta1"] <= 1.0 and result["data"]["kind"] == "stereo"
   assert result["skipped_train_batches"] == 0 and result["trunk"]["init"] == "random"
   alpha = np.array(result["eval_lasso_alpha"])
   assert alpha.shape == (2,) and not np.allclose(alpha, [0.0, 1.0])  # trained away from its init
-  assert result["final_train"]["lasso_l1"] > 0
+  assert result["final_train"]["lasso_l1"] > 0 and "delta1=" in run.stdout
+
+
+def test_nyu_tfds_source_resizes_and_crops_offline(tmp_path):
+  """tfds:nyu_depth_v2 via tfds' offline mock (random data): FCRN-style resize + crops."""
+  import tensorflow_datasets as tfds
+  with tfds.testing.mock_data(num_examples=2, data_dir=str(tmp_path)):
+    os.makedirs(tfds.builder("nyu_depth_v2", data_dir=str(tmp_path)).data_dir)  # "prepared"
+    source = depth_sources.DepthSource("tfds:nyu_depth_v2", tfds_data_dir=str(tmp_path), crop_height=228,
+                                       crop_width=304, resize_height=240, resize_width=320)
+    train = next(iter(source.train_dataset(seed=0)))
+    test = list(source.test_dataset())
+  assert train["image"].shape == (228, 304, 3) and train["depth"].shape == (228, 304)
+  assert len(test) == 2 and test[0]["depth"].dtype == tf.float32
+  with pytest.raises(FileNotFoundError, match="never downloads"):
+    depth_sources.DepthSource("tfds:nyu_depth_v2", tfds_data_dir=str(tmp_path / "none"), crop_height=228,
+                              crop_width=304)

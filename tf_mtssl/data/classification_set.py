@@ -252,10 +252,11 @@ class ClassificationSource:
     if self.kind == "tfds":
       import tensorflow_datasets as tfds
       builder = self._tfds_builder()
-      if split not in builder.info.splits:
-        raise ValueError(f"{self.spec} has no split {split!r}; splits: {sorted(builder.info.splits)}")
-      ds = builder.as_dataset(split=split, shuffle_files=False,
-                              decoders={"image": tfds.decode.SkipDecoding()})
+      try:
+        ds = builder.as_dataset(split=split, shuffle_files=False,
+                                decoders={"image": tfds.decode.SkipDecoding()})
+      except (ValueError, KeyError) as e:  # an unknown split; re-raised naming the known ones
+        raise ValueError(f"{self.spec} has no split {split!r}; splits: {sorted(builder.info.splits)}") from e
       ds = ds.map(lambda ex: (ex["image"], ex["label"]), num_parallel_calls=_AUTOTUNE)
     elif self.kind == "folder":
       ds = self._folder_examples(split)

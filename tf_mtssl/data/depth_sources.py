@@ -181,9 +181,10 @@ class DepthSource:
     return builder
 
   def _tfds_split(self, split: str) -> tf.data.Dataset:
-    if split not in self._builder.info.splits:
-      raise ValueError(f"{self.spec} has no split {split!r}; splits: {sorted(self._builder.info.splits)}")
-    ds = self._builder.as_dataset(split=split, shuffle_files=split == self.train_split)
+    try:
+      ds = self._builder.as_dataset(split=split, shuffle_files=split == self.train_split)
+    except (ValueError, KeyError) as e:  # an unknown split; re-raised naming the known ones
+      raise ValueError(f"{self.spec} has no split {split!r}; splits: {sorted(self._builder.info.splits)}") from e
     rh, rw = self.resize
 
     def prepare(ex):

@@ -249,10 +249,16 @@ class DepthTrainer:
     Raises ValueError if no batch has a valid pixel.
     """
     sums = {name: 0.0 for name in metrics.DEPTH_METRIC_NAMES}
-    total, skipped, batches = 0, 0, 0
+    total, skipped, batches, full = 0, 0, 0, None
     for batch in dataset:
       batches += 1
-      m = metrics.depth_metrics(self._predict(batch["image"]), batch["depth"])
+      images, gt = batch["image"], batch["depth"]
+      full = full or int(images.shape[0])
+      if images.shape[0] < full:  # pad a last, smaller batch with invalid pixels: no second trace
+        pad = [[0, full - images.shape[0]]]
+        images = tf.pad(images, pad + [[0, 0]] * 3)
+        gt = tf.pad(gt, pad + [[0, 0]] * 2)
+      m = metrics.depth_metrics(self._predict(images), gt)
       n = int(m["num_valid"])
       if n == 0:
         skipped += 1
