@@ -4,10 +4,17 @@
 
 Resumes from the newest checkpoint in --model_dir. Per-task hyper-parameters are the
 --<task>_<option> flags (see --helpfull).
+
+Several workers: start the same command on each with --distribution=multi_worker and TF_CONFIG
+naming the cluster and the worker's own index (README "Several workers, preemption and resume").
+Exit codes: 0 done; 2 bad input, a non-finite loss, or a cluster that could not be formed within
+--cluster_timeout_s; 42 (train.PREEMPTED_EXIT_CODE) stopped by SIGTERM/SIGINT after saving a
+checkpoint: run the same command again to resume.
 """
 
 import logging
 import os
+import sys
 
 from absl import app, flags
 
@@ -46,6 +53,9 @@ flags.DEFINE_integer("grad_cosine_every", 100, "Steps between task-gradient cosi
 flags.DEFINE_enum("distribution", "default", list(distribute.DISTRIBUTIONS),
                   "default: one device; mirrored: all local GPUs or the CPU; multi_worker: "
                   "MultiWorkerMirroredStrategy from TF_CONFIG.")
+flags.DEFINE_float("cluster_timeout_s", distribute.DEFAULT_CLUSTER_TIMEOUT_S,
+                   "multi_worker: longest wait for every worker of TF_CONFIG's cluster to start; after "
+                   "it, the worker fails naming the addresses that did not answer.")
 flags.DEFINE_boolean("progress_bar", True, "Show a progress bar.")
 flag_utils.define_trunk_flags()
 flag_utils.define_lasso_flags()
@@ -55,6 +65,11 @@ flag_utils.define_task_option_flags()
 def main(argv):
   del argv
   logging.getLogger().setLevel(logging.INFO)
+  try:  # first: a multi-worker strategy must be made before the TF runtime starts
+    strategy = distribute.make_strategy(FLAGS.distribution, cluster_timeout_s=FLAGS.cluster_timeout_s)
+  except distribute.ClusterError as e:
+    print(f"Error: {e}", file=sys.stderr)
+    sys.exit(2)
   names = task_registry.parse_task_list(FLAGS.tasks)
   tasks = {n: task_registry.make_task(n, options=flag_utils.task_options_from_flags(n),
                                       image_size=FLAGS.image_size, harmonize=FLAGS.harmonize)
@@ -76,8 +91,14 @@ def main(argv):
       tfds_data_dir=FLAGS.tfds_data_dir,
       lasso_l1=FLAGS.lasso_l1 if flag_utils.lasso_applies(FLAGS.lasso, "pretrain") else None,
       run_config_extra={"flags": FLAGS.flag_values_dict()},
-      strategy=distribute.make_strategy(FLAGS.distribution))
+      strategy=strategy)
   final = trainer.train()
+  # Equal on every worker of a run (weights and per-task optimizer states are kept in sync).
+  print(f"Weights fingerprint ({train.worker_name(strategy)}): {trainer.weights_fingerprint()}")
+  if trainer.preempted:
+    print(f"Stopped at step {int(trainer.step.numpy())} by a signal, checkpoint saved in "
+          f"{os.path.abspath(FLAGS.model_dir)}; run the same command again to resume.", file=sys.stderr)
+    sys.exit(train.PREEMPTED_EXIT_CODE)
   if trainer.chief:
     for name, metrics in final.items():
       print(f"[{name}] " + " ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items())))

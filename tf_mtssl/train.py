@@ -7,19 +7,37 @@ the same weights first; then each task's own RMSProp optimizer applies its updat
 to its head, so the trunk receives the sum of the per-task updates and each task's second-moment
 estimate normalises its own gradient scale (paper_spec 4: "separate RMSProp optimizers").
 
-Runs in `tf.distribute.get_strategy()` or the strategy passed in: datasets are built per input
-pipeline with `distribute_datasets_from_function` (per-replica batch = global batch / replicas),
-losses are divided by the number of replicas so the SUM all-reduce done by the optimizers gives the
-global-batch mean. Only the chief writes summaries and checkpoints to `model_dir`; other workers
-write to a temporary directory that is removed (as TF documents for MultiWorkerMirroredStrategy).
+Distribution. Runs in `tf.distribute.get_strategy()` or the strategy passed in
+(`tf_mtssl.distribute.make_strategy`). Each task's dataset is built once per input pipeline with
+`distribute_datasets_from_function`: the source is sharded per worker (`InputContext`) and batched
+at the per-replica batch (global batch / replicas, which must divide). Each replica's loss is its
+batch mean divided by the number of replicas, so the SUM all-reduce that every task's optimizer does
+gives the gradient of the global-batch mean; every replica then applies the same reduced gradient
+with the same optimizer state, so weights and per-task RMSProp states stay identical on all
+replicas (`weights_fingerprint` shows it). Reported metrics are means over replicas. Only the chief
+writes summaries and checkpoints to `model_dir`; other workers write to a temporary directory
+that is removed at the end (as TF documents for MultiWorkerMirroredStrategy).
 
-Restart semantics: the newest checkpoint in `model_dir` is restored (weights, optimizer states, step)
-and training ends at exactly `train_steps`. The input pipeline is not checkpointed: it restarts at a
-new random position derived from (seed, restored step), so a resumed run sees a different but
-reproducible stream.
+Restart and preemption. The newest checkpoint in `model_dir` is restored (weights, per-task
+optimizer states, step) and training ends at exactly `train_steps`; under several workers, they
+first check that all of them resumed from the same step. The input pipeline is not checkpointed: it
+restarts at a new random position derived from (seed, restored step), so a resumed run sees a
+different but reproducible stream. SIGTERM or SIGINT stops the run after a checkpoint
+(`Trainer.preempted`; the binary exits with PREEMPTED_EXIT_CODE). Each process's signal flag enters
+the next step and is summed over workers by one all-reduce inside it, so every worker learns of a
+signal to any of them after the same step, saves there and stops: none is left waiting in a
+collective. This does what tf.distribute.experimental.PreemptionCheckpointHandler does for
+MultiWorkerMirroredStrategy, without its costs (TF 2.21): on every start it probes the Google Cloud
+metadata server (7 s here, offline; measured); and, as its source reads, on GCE CPU VMs it ignores
+signals altogether, on GCE GPU VMs it trains on for a one-hour grace period after the signal
+(grace_period=0 is read as "unset"), and its step counter must be restored from the same checkpoint
+on every worker. A
+non-finite loss stops the run with FloatingPointError before anything is saved, so the newest
+checkpoint is the last good one.
 """
 
 import dataclasses
+import hashlib
 import itertools
 import logging
 import os
@@ -33,11 +51,16 @@ import numpy as np
 import tensorflow as tf
 from tqdm import tqdm
 
-from tf_mtssl import checkpoints
+from tf_mtssl import checkpoints, distribute
 from tf_mtssl.model import MultiTaskModel
 from tf_mtssl.tasks.base import NUM_CORRUPT_KEY, Task
 
 log = logging.getLogger(__name__)
+
+# Exit code of a run stopped by SIGTERM/SIGINT after saving a checkpoint: "restart me". Non-zero so
+# that schedulers do not take the run as finished; 42 is the restart code TF's
+# PreemptionCheckpointHandler uses by default outside Google Cloud.
+PREEMPTED_EXIT_CODE = 42
 
 
 @dataclasses.dataclass
@@ -104,9 +127,12 @@ def is_chief(strategy: tf.distribute.Strategy) -> bool:
   return task_type == "worker" and task_id == 0 and "chief" not in resolver.cluster_spec().as_dict()
 
 
-def _worker_id(strategy) -> str:
+def worker_name(strategy) -> str:
+  """'worker_1', 'chief_0', ... under several workers, else 'local'."""
   resolver = getattr(strategy, "cluster_resolver", None)
-  return f"{resolver.task_type}_{resolver.task_id}" if resolver is not None else "local"
+  if resolver is None or resolver.task_type is None:
+    return "local"
+  return f"{resolver.task_type}_{resolver.task_id}"
 
 
 def make_optimizer(config: TrainConfig, name: str) -> keras.optimizers.Optimizer:
@@ -132,7 +158,12 @@ def _flat_cosines(grads: Dict[str, List[tf.Tensor]]) -> Dict[str, tf.Tensor]:
 
 
 class _StopRequest:
-  """SIGTERM/SIGINT -> finish the current step, save a checkpoint, exit cleanly (preemption)."""
+  """SIGTERM/SIGINT -> finish the current step, save a checkpoint, stop (preemption).
+
+  Only sets a flag, which the next step shares with every worker (see the module doc). While training
+  runs it replaces TF's own C++ SIGTERM notifier, which MultiWorkerMirroredStrategy installs (and
+  which otherwise swallows SIGTERM).
+  """
 
   def __init__(self):
     self.requested = False
@@ -153,7 +184,8 @@ class _StopRequest:
 
   def __exit__(self, *exc):
     for sig, handler in self._previous.items():
-      signal.signal(sig, handler)
+      # None: the previous handler was installed outside Python (TF's); the default is what is left.
+      signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
 
 
 class Trainer:
@@ -184,9 +216,16 @@ class Trainer:
     self.model_dir, self.tasks, self.config, self.data = model_dir, dict(tasks), config, dict(data)
     self.tfds_data_dir = tfds_data_dir
     self.strategy = strategy or tf.distribute.get_strategy()
+    replicas = self.strategy.num_replicas_in_sync
+    indivisible = {n: config.batch_size_for(n) for n in tasks if config.batch_size_for(n) % replicas}
+    if indivisible:
+      raise ValueError(f"Global batch sizes {indivisible} are not divisible by the {replicas} replicas "
+                       "in sync; use a multiple of the number of replicas.")
+    self.multi_worker = distribute.is_multi_worker(self.strategy)
     self.chief = is_chief(self.strategy)
+    self.preempted = False  # set by train() when a signal stopped it after saving a checkpoint
     self.write_dir = model_dir if self.chief else os.path.join(
-        model_dir, ".worker_tmp", _worker_id(self.strategy))
+        model_dir, ".worker_tmp", worker_name(self.strategy))
     self.run_config = {
         "trunk": dict(trunk_config), "tasks": list(self.tasks),
         "task_options": {n: dataclasses.asdict(t.options) for n, t in self.tasks.items()},
@@ -212,6 +251,7 @@ class Trainer:
     self.manager = tf.train.CheckpointManager(self.checkpoint, self.write_dir,
                                               max_to_keep=config.keep_checkpoints)
     self._train_step_fn = {}
+    self._sync_fn = None
 
   # ---- checkpoints ---------------------------------------------------------------------------------
   def restore_latest(self) -> int:
@@ -228,8 +268,66 @@ class Trainer:
     return int(self.step.numpy())
 
   def save(self) -> Optional[str]:
+    """Saves at the current step (every worker must call it; only the chief's lands in model_dir)."""
+    self.sync_moving_statistics()
     path = self.manager.save(checkpoint_number=self.step)
     return path if self.chief else None
+
+  def sync_moving_statistics(self) -> None:
+    """Sets every replica's batch-norm moving statistics to their mean over replicas.
+
+    Keras creates them with aggregation "none", so each replica updates its own copy from its own
+    batches and the copies drift apart (trainable weights and optimizer states do not: they get the
+    all-reduced gradient). The moving averages are linear in the batch statistics, so averaging the
+    copies now equals averaging the batch statistics at every step; doing it before each checkpoint
+    makes the checkpoint hold statistics of every worker's data and all replicas identical again.
+    """
+    if self.strategy.num_replicas_in_sync == 1:
+      return
+    if self._sync_fn is None:
+      models = [self.model.trunk, *self.model.heads.values()] + (
+          [self.model.lasso] if self.model.lasso is not None else [])
+      variables = [v for m in models for v in m.non_trainable_variables if "float" in str(v.dtype)]
+
+      @tf.function
+      def sync():
+        def replica_fn():
+          means = tf.distribute.get_replica_context().all_reduce(
+              tf.distribute.ReduceOp.MEAN, [tf.identity(v.value) for v in variables])
+          for variable, mean in zip(variables, means):
+            variable.assign(mean)  # aggregation "none": this replica's own copy
+        self.strategy.run(replica_fn)
+
+      self._sync_fn = sync
+    self._sync_fn()
+
+  def weights_fingerprint(self) -> str:
+    """SHA-256 of trunk, heads, lasso and per-task optimizer states (this process's first replica).
+
+    Equal on every worker of a synchronous run; equal to the fingerprint of a Trainer that restored
+    this run's final checkpoint.
+    """
+    variables = list(self.model.trunk.weights)
+    for name in sorted(self.tasks):
+      variables += list(self.model.heads[name].weights) + list(self.optimizers[name].variables)
+    if self.model.lasso is not None:
+      variables += list(self.model.lasso.weights)
+    digest = hashlib.sha256()
+    for variable in variables:
+      digest.update(np.ascontiguousarray(np.asarray(variable.numpy())).tobytes())
+    return digest.hexdigest()
+
+  def _check_workers_agree(self, start: int) -> None:
+    """Raises unless every worker restored the same step (one all-reduce of (step, step^2))."""
+    if not self.multi_worker:
+      return
+    total, total_sq = self._sum_over_workers(tf.constant([start, start * start], tf.float64)).numpy()
+    workers = self.strategy.num_replicas_in_sync // len(self.strategy.extended.worker_devices)
+    if total * total != workers * total_sq:  # Cauchy-Schwarz: equal iff all equal; same verdict everywhere
+      raise ValueError(
+          f"Workers resumed from different steps (this one, {worker_name(self.strategy)}, from step {start}; "
+          f"mean {total / workers:g}). Every worker must read the chief's --model_dir {self.model_dir}: on "
+          "several machines put it on a shared file system.")
 
   # ---- input ---------------------------------------------------------------------------------------
   def _distributed_datasets(self, seed: int):
@@ -265,21 +363,40 @@ class Trainer:
     cosines = _flat_cosines(trunk_grads) if with_cosines and len(self.tasks) > 1 else {}
     return results, cosines
 
+  def _sum_over_workers(self, local: tf.Tensor) -> tf.Tensor:
+    """Sum over the worker processes of a per-process value (each counted once): one all-reduce under
+    several workers, the value itself otherwise; the same result on every worker."""
+    if not self.multi_worker:
+      return local
+    per_worker = len(self.strategy.extended.worker_devices)
+    values = self.strategy.experimental_distribute_values_from_function(
+        lambda ctx: tf.identity(local) if ctx.replica_id_in_sync_group % per_worker == 0 else tf.zeros_like(local))
+    return self.strategy.reduce(tf.distribute.ReduceOp.SUM, values, axis=None)
+
   def _train_step(self, with_cosines: bool):
+    """`step(iterators, stop=False) -> (metrics, cosines, stop_votes)`: one step on every replica.
+
+    `stop` is this process's signal flag; `stop_votes` (> 0 if any worker was signalled) comes from
+    one all-reduce inside the step, so every worker takes the same decision after the same step.
+    """
     if with_cosines not in self._train_step_fn:
       @tf.function
-      def step_fn(iterators):
+      def step_fn(iterators, stop):
         batches = {name: next(it) for name, it in iterators.items()}
         results, cosines = self.strategy.run(self._replica_step, args=(batches, with_cosines))
         def reduce(key, value):
-          if key == NUM_CORRUPT_KEY:  # cumulative count of this worker's pipeline: the max, not a mean
-            return tf.reduce_max(tf.stack(self.strategy.experimental_local_results(value)))
+          if key == NUM_CORRUPT_KEY:
+            # Cumulative count of each worker's pipeline: the latest (max) over this worker's
+            # replicas, summed over the workers' disjoint shards.
+            local = tf.reduce_max(tf.stack(self.strategy.experimental_local_results(value)))
+            return self._sum_over_workers(tf.cast(local, tf.float64))
           return self.strategy.reduce(tf.distribute.ReduceOp.MEAN, value, axis=None)
         reduced = {n: {k: reduce(k, v) for k, v in r.items()} for n, r in results.items()}
         cos = {k: self.strategy.reduce(tf.distribute.ReduceOp.MEAN, v, axis=None) for k, v in cosines.items()}
-        return reduced, cos
+        return reduced, cos, self._sum_over_workers(stop)
       self._train_step_fn[with_cosines] = step_fn
-    return self._train_step_fn[with_cosines]
+    compiled = self._train_step_fn[with_cosines]
+    return lambda iterators, stop=False: compiled(iterators, tf.constant(float(stop), tf.float32))
 
   # ---- summaries -----------------------------------------------------------------------------------
   def _write_images(self, image_iterators, step):
@@ -293,9 +410,25 @@ class Trainer:
 
   # ---- main loop -----------------------------------------------------------------------------------
   def train(self) -> Dict[str, Dict[str, float]]:
-    """Trains to `train_steps` (resuming from the newest checkpoint); returns the last metrics."""
+    """Trains to `train_steps` (resuming from the newest checkpoint); returns the last metrics.
+
+    Returns early, with `self.preempted` set and a checkpoint saved, on SIGTERM/SIGINT.
+    Raises FloatingPointError on a non-finite loss (nothing saved for that step).
+    """
+    try:
+      return self._train()
+    finally:
+      if not self.chief:  # the worker's checkpoints and summaries only existed for the collectives
+        shutil.rmtree(self.write_dir, ignore_errors=True)
+        try:
+          os.rmdir(os.path.dirname(self.write_dir))  # .worker_tmp, once the last worker is done
+        except OSError:
+          pass
+
+  def _train(self) -> Dict[str, Dict[str, float]]:
     cfg = self.config
     start = self.restore_latest()
+    self._check_workers_agree(start)
     if self.chief:
       checkpoints.save_run_config(self.model_dir, self.run_config)
     if start >= cfg.train_steps:
@@ -314,7 +447,7 @@ class Trainer:
       while step < cfg.train_steps:
         with_cosines = bool(cfg.grad_cosine_every) and len(self.tasks) > 1 and (
             (step + 1) % cfg.grad_cosine_every == 0)
-        results, cosines = self._train_step(with_cosines)(iterators)
+        results, cosines, stop_votes = self._train_step(with_cosines)(iterators, stop.requested)
         losses = {n: float(r["total_loss"]) for n, r in results.items()}
         bad = {n: v for n, v in losses.items() if not np.isfinite(v)}
         if bad:
@@ -347,13 +480,15 @@ class Trainer:
                                                        tfds_data_dir=self.tfds_data_dir))
                                for n, t in self.tasks.items()}
           self._write_images(image_iterators, step)
-        if step % cfg.checkpoint_every == 0 or step == cfg.train_steps or stop.requested:
+        # Every worker got the same votes from the step's all-reduce: all save and stop together.
+        stopping = float(stop_votes) > 0
+        if step % cfg.checkpoint_every == 0 or step == cfg.train_steps or stopping:
           self.save()
-        if stop.requested:
-          log.warning("Stopped at step %d on request; resume by running the same command.", step)
+        if stopping:
+          self.preempted = True
+          log.warning("Stopped at step %d on a signal (checkpoint saved); resume by running the same "
+                      "command.", step)
           break
     bar.close()
     writer.flush()
-    if not self.chief:
-      shutil.rmtree(self.write_dir, ignore_errors=True)
     return last
