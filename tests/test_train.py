@@ -8,7 +8,7 @@ from tests import helpers
 from tf_mtssl import checkpoints, train
 
 TINY_TRUNK = helpers.TINY_TRUNK
-MULTI_TASKS = ["rp"]  # extended as tasks land
+MULTI_TASKS = ["rp", "col", "ex", "ms"]
 
 
 def make_trainer(model_dir, data, tasks=("rp",), **overrides):
@@ -17,7 +17,8 @@ def make_trainer(model_dir, data, tasks=("rp",), **overrides):
                                        image_summary_every=4, grad_cosine_every=2, progress_bar=False),
                                 **overrides})
   task_objs = {n: helpers.tiny_task(n) for n in tasks}
-  return train.Trainer(str(model_dir), task_objs, TINY_TRUNK, config, {n: data for n in tasks})
+  sources = {n: "embedded" if n == "ms" else data for n in tasks}  # ms reads motion-mask records
+  return train.Trainer(str(model_dir), task_objs, TINY_TRUNK, config, sources)
 
 
 @pytest.fixture(scope="module")
@@ -36,10 +37,10 @@ def fixed_iterators(trainer, seed=0):
 
 
 def test_multi_task_loss_falls_when_overfitting_one_batch(tmp_path, photos):
-  trainer = make_trainer(tmp_path / "run", photos, tasks=MULTI_TASKS)
+  trainer = make_trainer(tmp_path / "run", photos, tasks=MULTI_TASKS, learning_rate=3e-3)
   iterators = fixed_iterators(trainer)
   step = trainer._train_step(with_cosines=False)
-  losses = [{n: float(r["loss"]) for n, r in step(iterators)[0].items()} for _ in range(25)]
+  losses = [{n: float(r["loss"]) for n, r in step(iterators)[0].items()} for _ in range(30)]
   for name in MULTI_TASKS:
     curve = np.array([l[name] for l in losses])
     assert np.isfinite(curve).all()
