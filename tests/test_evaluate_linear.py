@@ -200,3 +200,15 @@ def test_tfds_source_reads_a_prepared_dataset_offline(tmp_path):
   assert len(examples) == 3 and all(0 <= e["label"] < 1000 and e["image"].ndim == 3 for e in examples)
   with pytest.raises(FileNotFoundError, match="never downloads"):
     classification_set.ClassificationSource("tfds:imagenet2012", tfds_data_dir=str(tmp_path / "none"))
+
+
+def test_exported_trunk_keras_file_is_a_trunk_source(tmp_path):
+  trunk = trunk_lib.build_trunk(**helpers.TINY_TRUNK)
+  trunk.save(str(tmp_path / "trunk.keras"))
+  loaded, info = common.load_trunk("pretrained", trunk_keras=str(tmp_path / "trunk.keras"))
+  assert info["trunk_keras"].endswith("trunk.keras") and common.num_units(loaded) == 1
+  assert all(np.array_equal(a, b) for a, b in zip(_weights(trunk), _weights(loaded)))
+  with pytest.raises(FileNotFoundError, match="not found"):
+    common.load_trunk("pretrained", trunk_keras=str(tmp_path / "missing.keras"))
+  with pytest.raises(ValueError, match="not from --trunk_keras"):
+    common.load_trunk("random", trunk_keras=str(tmp_path / "trunk.keras"))

@@ -13,6 +13,7 @@ import dataclasses
 import logging
 import os
 
+import keras
 from absl import app, flags
 
 from tf_mtssl import flag_utils
@@ -71,6 +72,7 @@ flag_utils.define_lasso_flags()
 def main(argv):
   del argv
   logging.getLogger().setLevel(logging.INFO)
+  keras.utils.set_random_seed(FLAGS.seed)  # heads' initialisation, shuffling: reproducible runs
   trunk, trunk_info = common.load_trunk(
       FLAGS.init, model_dir=FLAGS.model_dir, checkpoint=FLAGS.checkpoint, trunk_keras=FLAGS.trunk_keras,
       trunk_config=flag_utils.trunk_config_from_flags(), seed=FLAGS.seed)

@@ -93,7 +93,7 @@ class LinearProbe:
 
   def __init__(self, num_classes: int, num_units: int, channels: int, grid: int = 3,
                feature_norm: str = "batchnorm", lasso_l1: Optional[float] = None,
-               weight_decay: float = 0.0):
+               weight_decay: float = 0.0, seed: int = 0):
     if num_classes < 2:
       raise ValueError(f"A classifier needs >= 2 classes, got {num_classes}")
     dim = grid * grid * channels
@@ -108,7 +108,8 @@ class LinearProbe:
       self.norm = keras.layers.BatchNormalization(center=False, scale=False, momentum=0.9, epsilon=1e-5,
                                                   name="feature_norm")
       self.norm.build((None, dim))
-    self.classifier = keras.layers.Dense(num_classes, dtype="float32", name="linear_classifier")
+    self.classifier = keras.layers.Dense(num_classes, dtype="float32", name="linear_classifier",
+                                         kernel_initializer=keras.initializers.GlorotUniform(seed=seed))
     self.classifier.build((None, dim))
 
   @property
@@ -208,7 +209,7 @@ class ProbeTrainer:
     self.trunk, self.config = trunk, config
     self.probe = LinearProbe(num_classes, common.num_units(trunk), common.feature_channels(trunk),
                              grid=config.grid, feature_norm=config.feature_norm,
-                             lasso_l1=config.lasso_l1, weight_decay=config.weight_decay)
+                             lasso_l1=config.lasso_l1, weight_decay=config.weight_decay, seed=config.seed)
     self.optimizer = keras.optimizers.SGD(
         common.lr_schedule(config.learning_rate, config.lr_boundaries, config.lr_decay),
         momentum=config.momentum, name="probe_sgd")
@@ -296,6 +297,8 @@ class ProbeTrainer:
         idx = sampler.next(cfg.batch_size)
         return self.train_step_pooled(feats[idx], labels[idx])
     else:
+      logging.info("No feature cache (%s): the frozen trunk runs at every step",
+                   "augmentation" if cfg.augment else "cache_features=False")
       train_iter = iter(image_batches(source, train_split, cfg, True, cfg.batch_size))
       eval_data = image_batches(source, eval_split, cfg, False, cfg.eval_batch_size)
       num_train = None
