@@ -160,6 +160,22 @@ def test_tf_config_errors_name_the_problem():
     distribute.make_strategy("tpu")
 
 
+def test_peer_failure_message_names_the_lost_worker_and_its_address():
+  # The shape of TF 2.21's error on the surviving worker after its peer was SIGKILLed mid-run.
+  error = tf.errors.UnavailableError(None, None, textwrap.dedent("""\
+      Graph execution error:
+
+      Detected at node CollectiveReduceV2 defined at (most recent call last):
+        File "/work/main/tf_mtssl/train.py", line 299, in sync
+      Collective ops is aborted by: Error reported from /job:worker/task:1: The following tasks are unhealthy (stopped sending heartbeats):
+      /job:worker/replica:0/task:1
+      The tasks have crashed. Check the task logs for an earlier error."""))
+  text = distribute.describe_peer_failure(error, {"worker": ["127.0.0.1:1111", "127.0.0.1:2222"]})
+  assert text.startswith("UnavailableError: Collective ops is aborted by:"), text
+  assert "unhealthy (stopped sending heartbeats): /job:worker/replica:0/task:1" in text, text
+  assert text.endswith("[worker 1 at 127.0.0.1:2222]"), text
+
+
 def test_indivisible_global_batch_is_refused(tmp_path):
   class TwoReplicas:  # only what the check reads
     num_replicas_in_sync = 2
@@ -214,10 +230,19 @@ def test_mirrored_strategy_on_two_logical_cpus_keeps_replicas_identical(tmp_path
     assert rc == 0 and "MIRRORED_OK" in procs.log(proc), procs.log(proc)[-4000:]
 
 
+def doubled_batches(trainer: train.Trainer, data: str, per_worker: int, seed: int):
+  """Iterator of [X_t; X_t], X_t the t-th batch of one worker's pipeline (see the test below)."""
+  ds = trainer.tasks["rp"].build_dataset(data, per_worker, seed=seed).map(
+      lambda b: tf.nest.map_structure(lambda x: tf.concat([x, x], 0), b))
+  return {"rp": iter(trainer.strategy.experimental_distribute_dataset(ds))}
+
+
 @pytest.mark.slow
-def test_two_workers_keep_identical_weights_and_match_one_process_on_the_same_global_batch(tmp_path):
-  """What is provably comparable: all images are one photo, and the rp examples' random geometry is
-  drawn from per-element seeds that restart at 0 in every pipeline. Each worker's shard (and the
+def test_two_workers_resume_keep_identical_weights_and_match_one_process_on_the_same_global_batch(tmp_path):
+  """Two workers resume a run from its step-1 checkpoint and train to step 3.
+
+  What is provably comparable: all images are one photo, and the rp examples' random geometry is
+  drawn from per-element seeds that restart in every pipeline. Each worker's shard (and the
   one-process stream) then yields the same sequence of examples X_1, X_2, ..., so with a per-worker
   batch of 2 both workers train on X_t at step t: the global batch is [X_t; X_t]. One process fed
   [X_t; X_t] has exactly the same mean loss, gradient and batch-norm statistics (duplicating a batch
@@ -226,35 +251,39 @@ def test_two_workers_keep_identical_weights_and_match_one_process_on_the_same_gl
   the workers' counts.
   """
   data = identical_photos(tmp_path / "data", corrupt_name="b_corrupt.png")  # shards: {a, c}, {b_corrupt, d}
-  run = str(tmp_path / "run")
-  steps = 3
+  run, steps = str(tmp_path / "run"), 3
+  task = {"rp": helpers.tiny_task("rp")}
+  first = train.Trainer(run, task, helpers.TINY_TRUNK, smoke_config(train_steps=1), {"rp": data})
+  first.train()  # ckpt-1, written by one process
+  keras.utils.clear_session()
+
   with processes(tmp_path / "logs") as procs:
     workers = procs.start_workers(free_ports(2), [f"--data={data}", f"--model_dir={run}", f"--train_steps={steps}",
                                                   "--batch_size=4", "--checkpoint_every=2", "--cluster_timeout_s=120"])
     rcs = procs.wait(workers, 2 * START_TIMEOUT_S)
     logs = [procs.log(w) for w in workers]
   assert rcs == [0, 0], "\n".join(log[-3000:] for log in logs)
+  for log in logs:
+    assert f"Restored {run}/ckpt-1 (step 1)" in log, log[-3000:]
   assert fingerprint(logs[0]) == fingerprint(logs[1])  # weights, BN statistics, RMSProp states
   assert not os.path.exists(os.path.join(run, ".worker_tmp"))  # the worker's temporary dir is removed
   assert tf.train.latest_checkpoint(run).endswith(f"ckpt-{steps}")
 
   # The chief's checkpoint is the worker's final state, bit for bit.
-  restored = train.Trainer(run, {"rp": helpers.tiny_task("rp")}, helpers.TINY_TRUNK, smoke_config(),
-                           {"rp": data})
+  restored = train.Trainer(run, task, helpers.TINY_TRUNK, smoke_config(), {"rp": data})
   assert restored.restore_latest() == steps
   assert restored.weights_fingerprint() == fingerprint(logs[1])
 
-  # One process, global batch [X_t; X_t].
-  keras.utils.clear_session()  # the same initial weights as the binary's fresh process
-  reference = train.Trainer(str(tmp_path / "reference"), {"rp": helpers.tiny_task("rp")}, helpers.TINY_TRUNK,
+  # One process from the same step-1 checkpoint, global batch [X_t; X_t] from the resumed stream.
+  keras.utils.clear_session()
+  reference = train.Trainer(str(tmp_path / "reference"), task, helpers.TINY_TRUNK,
                             smoke_config(train_steps=steps, batch_size=4), {"rp": data})
-  doubled = reference.tasks["rp"].build_dataset(data, 2, seed=0).map(
-      lambda b: tf.nest.map_structure(lambda x: tf.concat([x, x], 0), b))
-  iterators = {"rp": iter(reference.strategy.experimental_distribute_dataset(doubled))}
+  reference.checkpoint.read(os.path.join(run, "ckpt-1")).assert_existing_objects_matched().expect_partial()
+  iterators = doubled_batches(reference, data, 2, seed=reference.data_seed(1))
   step = reference._train_step(False)
-  expected = [float(step(iterators)[0]["rp"]["loss"]) for _ in range(steps)]
+  expected = [float(step(iterators)[0]["rp"]["loss"]) for _ in range(1, steps)]
   logged = scalars(run, "rp/loss")
-  np.testing.assert_allclose([logged[s] for s in range(1, steps + 1)], expected, rtol=1e-4)
+  np.testing.assert_allclose([logged[s] for s in range(2, steps + 1)], expected, rtol=1e-4)
   trunk = checkpoints.restore_trunk(run)
   for ours, ref in zip(trunk.weights, reference.model.trunk.weights):
     np.testing.assert_allclose(ours.numpy(), ref.numpy(), atol=1e-4, err_msg=ours.path)

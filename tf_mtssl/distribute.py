@@ -18,6 +18,7 @@ coordination service's heartbeats, which abort the collectives of the others.
 import dataclasses
 import json
 import os
+import re
 import socket
 from typing import Dict, List, Optional
 
@@ -96,6 +97,21 @@ def unreachable(addresses: Dict[str, str], timeout_s: float = 2.0) -> Dict[str, 
     except (OSError, ValueError):
       out[name] = address
   return out
+
+
+def describe_peer_failure(error: Exception, cluster: Dict[str, List[str]]) -> str:
+  """The informative line of a collective/coordination error, with the tasks it names resolved to
+  their addresses (TF's message carries its own Python traceback and generic headers)."""
+  message = getattr(error, "message", None) or str(error)
+  lines = [l.strip() for l in message.splitlines() if l.strip()] or [""]
+  keys = ("unhealthy", "aborted by", "reset by peer", "Connection", "Deadline", "/job:")
+  picked = next((i for i, l in enumerate(lines) if any(k in l for k in keys)), len(lines) - 1)
+  # "... the following tasks are unhealthy:" is followed by the task names on the next line.
+  text = " ".join(lines[picked:picked + (2 if lines[picked].endswith(":") else 1)])
+  tasks = sorted(set(re.findall(r"/job:(\w+)/(?:replica:\d+/)?task:(\d+)", message)))
+  named = [f"{job} {i} at {cluster[job][int(i)]}" for job, i in tasks
+           if job in cluster and int(i) < len(cluster[job])]
+  return f"{type(error).__name__}: {text}" + (f" [{'; '.join(named)}]" if named else "")
 
 
 def _configure_coordination_service(cluster: ClusterConfig, timeout_s: float) -> None:

@@ -7,9 +7,9 @@ Resumes from the newest checkpoint in --model_dir. Per-task hyper-parameters are
 
 Several workers: start the same command on each with --distribution=multi_worker and TF_CONFIG
 naming the cluster and the worker's own index (README "Several workers, preemption and resume").
-Exit codes: 0 done; 2 bad input, a non-finite loss, or a cluster that could not be formed within
---cluster_timeout_s; 42 (train.PREEMPTED_EXIT_CODE) stopped by SIGTERM/SIGINT after saving a
-checkpoint: run the same command again to resume.
+Exit codes: 0 done; 2 bad input, a non-finite loss, a cluster that could not be formed within
+--cluster_timeout_s, or a peer worker lost mid-run; 42 (train.PREEMPTED_EXIT_CODE) stopped by
+SIGTERM/SIGINT after saving a checkpoint: run the same command again to resume.
 """
 
 import logging
@@ -65,11 +65,16 @@ flag_utils.define_task_option_flags()
 def main(argv):
   del argv
   logging.getLogger().setLevel(logging.INFO)
-  try:  # first: a multi-worker strategy must be made before the TF runtime starts
-    strategy = distribute.make_strategy(FLAGS.distribution, cluster_timeout_s=FLAGS.cluster_timeout_s)
-  except distribute.ClusterError as e:
+  try:
+    _train()
+  except distribute.ClusterError as e:  # a cluster that did not form, or a peer lost mid-run
     print(f"Error: {e}", file=sys.stderr)
     sys.exit(2)
+
+
+def _train():
+  # First: a multi-worker strategy must be made before the TF runtime starts.
+  strategy = distribute.make_strategy(FLAGS.distribution, cluster_timeout_s=FLAGS.cluster_timeout_s)
   names = task_registry.parse_task_list(FLAGS.tasks)
   tasks = {n: task_registry.make_task(n, options=flag_utils.task_options_from_flags(n),
                                       image_size=FLAGS.image_size, harmonize=FLAGS.harmonize)

@@ -326,10 +326,15 @@ class Trainer:
     if total * total != workers * total_sq:  # Cauchy-Schwarz: equal iff all equal; same verdict everywhere
       raise ValueError(
           f"Workers resumed from different steps (this one, {worker_name(self.strategy)}, from step {start}; "
-          f"mean {total / workers:g}). Every worker must read the chief's --model_dir {self.model_dir}: on "
-          "several machines put it on a shared file system.")
+          f"mean {total / workers:g}). Every worker must read the chief's --model_dir (this one reads "
+          f"{self.model_dir}): on several machines put it on a shared file system.")
 
   # ---- input ---------------------------------------------------------------------------------------
+  def data_seed(self, start: int) -> int:
+    """Seed of the input pipelines of a run (re)started at step `start`: the input position is not
+    checkpointed, so a resumed run reads a new, reproducible random stream."""
+    return self.config.seed * 1_000_003 + start
+
   def _distributed_datasets(self, seed: int):
     datasets = {}
     for name, task in self.tasks.items():
@@ -417,6 +422,17 @@ class Trainer:
     """
     try:
       return self._train()
+    except (tf.errors.UnavailableError, tf.errors.AbortedError, tf.errors.CancelledError,
+            tf.errors.DeadlineExceededError) as e:
+      if not self.multi_worker:
+        raise
+      # A peer crashed or was killed: its connection drops, or the coordination service stops
+      # receiving its heartbeats and aborts everyone's collectives (seconds, not a hang).
+      what = distribute.describe_peer_failure(e, self.strategy.cluster_resolver.cluster_spec().as_dict())
+      raise distribute.ClusterError(
+          f"{worker_name(self.strategy)} lost contact with the other workers ({what}). "
+          "Restart every worker with the same command: they resume from the newest checkpoint, "
+          f"{tf.train.latest_checkpoint(self.model_dir)}.") from e
     finally:
       if not self.chief:  # the worker's checkpoints and summaries only existed for the collectives
         shutil.rmtree(self.write_dir, ignore_errors=True)
@@ -434,7 +450,7 @@ class Trainer:
     if start >= cfg.train_steps:
       log.info("Run already at step %d >= train_steps %d; nothing to do.", start, cfg.train_steps)
       return {}
-    data_seed = cfg.seed * 1_000_003 + start
+    data_seed = self.data_seed(start)
     iterators = {n: iter(ds) for n, ds in self._distributed_datasets(data_seed).items()}
     image_iterators = None
     writer = tf.summary.create_file_writer(os.path.join(self.write_dir, "train"))
