@@ -166,6 +166,8 @@ def test_block4_is_fresh_and_scaled_by_the_trunk_width():
   out = detector.box_classifier.get_layer("block4_unit3_out").output
   assert out.shape[1:] == (4, 4, 32 * 8)          # 2048 channels at base_width 64; crop 8 -> 4x4
   assert detector.box_classifier.get_layer("block4_unit1_conv2").kernel.shape == (3, 3, 64, 64)
+  assert detector.stride == 16
+  assert model_lib.trunk_stride(trunk_lib.build_trunk(depth=14, output_stride=8, base_width=8)) == 8
 
 
 def test_detect_outputs_valid_detections():
@@ -361,3 +363,21 @@ def test_binary_runs_on_the_embedded_set(tmp_path):
                        cwd=REPO, capture_output=True, text=True, timeout=120,
                        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
   assert bad.returncode == 2 and "exactly one of --model_dir" in bad.stderr
+
+
+def test_tfds_voc_source_never_downloads_and_converts_boxes_to_pixels(tmp_path):
+  import tensorflow_datasets as tfds
+  with pytest.raises(FileNotFoundError, match="never downloads"):
+    data_lib.raw_examples("tfds:voc/2007", "test", tfds_data_dir=str(tmp_path))
+  with pytest.raises(ValueError, match="expected 'embedded' or 'tfds:NAME'"):
+    data_lib.raw_examples("voc", "test")
+  with tfds.testing.mock_data(num_examples=2):   # random examples in VOC's feature layout, offline
+    builder = tfds.builder("voc/2007", data_dir=str(tmp_path))
+    os.makedirs(builder.data_dir, exist_ok=True)
+    ds, names = data_lib.raw_examples("tfds:voc/2007", "test", tfds_data_dir=str(tmp_path))
+    want = next(iter(builder.as_dataset(split="test", shuffle_files=False)))
+    got = next(iter(ds))
+  assert names[:3] == ["aeroplane", "bicycle", "bird"] and len(names) == 20
+  h, w = want["image"].shape[:2]
+  np.testing.assert_allclose(got["boxes"].numpy(), want["objects"]["bbox"].numpy() * [h, w, h, w], rtol=1e-6)
+  np.testing.assert_array_equal(got["difficult"].numpy(), want["objects"]["is_difficult"].numpy())

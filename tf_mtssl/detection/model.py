@@ -135,6 +135,13 @@ def trunk_channels(trunk: keras.Model) -> int:
   return int(spec["block3"].shape[-1])
 
 
+def trunk_stride(trunk: keras.Model) -> int:
+  """Output stride of the trunk's block 3 (16 for the paper's trunk, paper_spec 2.1)."""
+  size = 256
+  spec = trunk.compute_output_spec(keras.KerasTensor((1, size, size, 3)))
+  return size // int(spec["block3"].shape[1])
+
+
 class FasterRCNN(keras.Model):
   """Two-stage detector on a `tf_mtssl.trunk` block-3 trunk.
 
@@ -162,7 +169,7 @@ class FasterRCNN(keras.Model):
     if channels % 16:
       raise ValueError(f"Trunk block3 has {channels} channels; expected 16 x base_width")
     self.base_width = channels // 16
-    self.stride = 16
+    self.stride = trunk_stride(trunk)     # 16: paper_spec 7.2
     self.rpn_head = build_rpn_head(channels, config.num_anchors, config.rpn_channels)
     self.box_classifier = build_box_classifier(channels, self.base_width, config.num_classes,
                                                config.crop_size)

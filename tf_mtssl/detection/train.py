@@ -92,10 +92,14 @@ def make_optimizer(config: FinetuneConfig) -> keras.optimizers.Optimizer:
 
 def make_train_step(detector: FasterRCNN, optimizer: keras.optimizers.Optimizer, element_spec,
                     weight_decay: float):
-  """A `tf.function` (batch, seed [2]) -> losses, shape-polymorphic in the image size."""
+  """A `tf.function` (batch, seed [2]) -> losses, shape-polymorphic in the image size.
+
+  autograph=False: the detector has no tensor-dependent Python control flow, and tracing then never
+  re-reads source files (autograph does, so a source edited while a run is going broke its evaluation).
+  """
   variables = detector.trainable_variables
 
-  @tf.function(input_signature=[element_spec, tf.TensorSpec([2], tf.int64)])
+  @tf.function(input_signature=[element_spec, tf.TensorSpec([2], tf.int64)], autograph=False)
   def train_step(batch, seed):
     with tf.GradientTape() as tape:
       losses = detector.losses_for_batch(batch, seed)
@@ -111,7 +115,7 @@ def make_train_step(detector: FasterRCNN, optimizer: keras.optimizers.Optimizer,
 def make_detect_fn(detector: FasterRCNN, element_spec):
   spec = {k: element_spec[k] for k in ("image", "image_shape")}
 
-  @tf.function(input_signature=[spec])
+  @tf.function(input_signature=[spec], autograph=False)
   def detect(batch):
     return detector.detect(batch["image"], batch["image_shape"])
 
