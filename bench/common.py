@@ -1,11 +1,133 @@
-"""Shared benchmark helpers: timing of compiled steps and the result-row format of `python -m bench`."""
+"""Shared benchmark helpers: the result row and table of `python -m bench`, timing, the settings of
+the quick and full modes, data specs, trainers on fixed batches, and child processes.
+
+Timing on a shared machine. Other processes take cores at random moments, so a comparison is timed
+in interleaved rounds (A, B, A, B, ...) after the warm-up, and each side's figure is its best round
+(the least disturbed one, as `timeit` recommends); every row also records the 1-minute load average
+when it was measured, so a reader can tell a quiet run from a busy one.
+"""
 
 import dataclasses
+import json
 import os
+import subprocess
+import sys
+import tempfile
 import time
-from typing import Callable, List, Optional
+from typing import Callable, Dict, List, Optional, Sequence
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TASKS = ("rp", "col", "ex", "ms")
+
+# The quick mode: the smoke trunk and heads of flags/smoke.cfg at 64 px (seconds per module).
+QUICK_TRUNK = dict(depth=14, output_stride=16, base_width=8)
+QUICK_IMAGE_SIZE = 64
+QUICK_OPTIONS = {"rp": dict(patch_size=32, gap=16, jitter=3, hidden=64, reduce_channels=16),
+                 "col": dict(head_width=16, upsample_width=16), "ex": dict(views=4, embedding_dim=32),
+                 "ms": dict(head_width=16)}
+# The full mode: the paper's shapes (flags/rp_col_ex_ms.cfg): ResNet-101 to block 3 at output stride
+# 16, 224-px images, 96-px rp patches, 8 exemplar views, the task options' defaults (paper_spec 3).
+PAPER_TRUNK = dict(depth=101, output_stride=16, base_width=64)
+PAPER_IMAGE_SIZE = 224
+# Source images per task batch in the step benchmarks. The paper's batches (rp 56, col 40, ex 16,
+# ms 32) do not fit this 2-core CPU's time and the shared machine's memory; throughput per image
+# changes little beyond a few images. Batch 8 (paper shapes: rp = 72 patches), except ex: 2 source
+# images = 16 views of 224 px (it needs >= 2 images; 8 would be 64 views, ~13 GB of activations).
+BATCHES = {True: {"rp": 4, "col": 4, "ex": 2, "ms": 4}, False: {"rp": 8, "col": 8, "ex": 2, "ms": 8}}
+
+
+def trunk_config(quick: bool) -> dict:
+  return dict(QUICK_TRUNK if quick else PAPER_TRUNK)
+
+
+def image_size(quick: bool) -> int:
+  return QUICK_IMAGE_SIZE if quick else PAPER_IMAGE_SIZE
+
+
+def trunk_name(config: dict) -> str:
+  return f"R{config['depth']}" + ("" if config.get("base_width", 64) == 64 else f"/w{config['base_width']}")
+
+
+def make_task(name: str, quick: bool, **overrides):
+  """Task `name` at the mode's image size and options (quick: smoke heads; full: paper defaults)."""
+  from tf_mtssl import flag_utils
+  from tf_mtssl.tasks import make_task as make
+  values = {**(QUICK_OPTIONS[name] if quick else {}), **overrides}
+  return make(name, options=flag_utils.task_options_from_dict(name, values), image_size=image_size(quick))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Data.
+
+
+def _skimage_photo_folder() -> str:
+  """A temporary folder of scikit-image's colour photos at their original sizes (no embedded data)."""
+  import skimage.data
+  from PIL import Image
+  folder = tempfile.mkdtemp(prefix="bench_photos_")
+  for name in ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "retina"):
+    Image.fromarray(getattr(skimage.data, name)()).save(os.path.join(folder, f"{name}.png"))
+  return folder
+
+
+def _synthetic_mask_shard() -> str:
+  """A temporary motion-mask shard: scikit-image photos as frames, a centred box as the moving
+  region (the pipeline's cost depends on the sizes and codecs, not on what the mask shows)."""
+  import numpy as np
+  import skimage.data
+  import tensorflow as tf
+  from tf_mtssl import motion_masks
+  folder = tempfile.mkdtemp(prefix="bench_masks_")
+  with tf.io.TFRecordWriter(os.path.join(folder, "photos-00000-of-00001.tfrecord")) as writer:
+    for index, name in enumerate(("astronaut", "coffee", "chelsea", "rocket")):
+      rgb = getattr(skimage.data, name)()
+      mask = np.zeros(rgb.shape[:2], np.uint8)
+      h, w = mask.shape
+      mask[h // 4:3 * h // 4, w // 4:3 * w // 4] = 255
+      writer.write(motion_masks.make_example(rgb[..., ::-1].copy(), mask, name, index).SerializeToString())
+  return folder
+
+
+_DATA: Dict[str, str] = {}
+
+
+def data_spec(task: str) -> str:
+  """Source spec of `task`: `embedded` when prepared (python -m tf_mtssl.data.prepare_embedded), else
+  temporary scikit-image data, so a clean clone benchmarks without preparing anything."""
+  from tf_mtssl.data import embedded
+  kind = "masks" if task == "ms" else "images"
+  if kind not in _DATA:
+    prepared = (embedded.motion_masks_dir() if kind == "masks" else embedded.images_dir()).is_dir()
+    _DATA[kind] = "embedded" if prepared else (_synthetic_mask_shard() if kind == "masks" else
+                                               _skimage_photo_folder())
+  return _DATA[kind]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Rows and the table.
+
+
+def cpu_flags() -> str:
+  """The CPU's vector / bfloat16 features that matter to these benchmarks (from /proc/cpuinfo)."""
+  try:
+    with open("/proc/cpuinfo") as f:
+      flags = next((line for line in f if line.startswith("flags")), "").split()
+  except OSError:
+    return "unknown"
+  wanted = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16")
+  return " ".join(x for x in wanted if x in flags) or "none of " + ",".join(wanted)
+
+
+def cpu_has_bf16() -> bool:
+  """Native bfloat16 arithmetic (AVX512-BF16 or AMX); without it oneDNN emulates bf16, slowly."""
+  return any(x in cpu_flags().split() for x in ("avx512_bf16", "amx_bf16"))
+
+
+def load_average() -> float:
+  """1-minute load average (what `uptime` prints first)."""
+  return os.getloadavg()[0]
 
 
 @dataclasses.dataclass
@@ -15,47 +137,163 @@ class Row:
   figure: float
   unit: str
   reference: Optional[float] = None      # the reference's figure (same unit), if any
-  ratio: Optional[float] = None          # figure / reference (or the defined ratio)
-  goal: str = ""                         # e.g. ">= 1.0" on the ratio
+  ratio: Optional[float] = None          # figure / reference (or the ratio the goal is about)
+  goal: str = ""                         # on the ratio, e.g. ">= 1.0"
   note: str = ""
+  dtype: str = "float32"
+  load: float = dataclasses.field(default_factory=load_average)  # when the row was made
+
+  def __post_init__(self):
+    if self.goal:
+      op, value = self.goal.split()
+      if op not in _OPS:
+        raise ValueError(f"Bad goal {self.goal!r} of row {self.name!r}; use one of {sorted(_OPS)} and a number")
+      float(value)
+      if self.ratio is None:
+        raise ValueError(f"Row {self.name!r} has a goal but no ratio")
 
   @property
   def met(self) -> Optional[bool]:
-    if not self.goal or self.ratio is None:
+    if not self.goal:
       return None
     op, value = self.goal.split()
-    value = float(value)
-    return {">=": self.ratio >= value, "<=": self.ratio <= value, "<": self.ratio < value,
-            ">": self.ratio > value}[op]
+    return _OPS[op](self.ratio, float(value))
 
   def as_dict(self):
     return {**dataclasses.asdict(self), "met": self.met}
 
 
-def time_calls(fn: Callable[[], object], warmup: int, repeats: int) -> float:
-  """Seconds per call of `fn` (its result fetched to host), warm-up calls excluded."""
-  for _ in range(warmup):
-    _fetch(fn())
-  start = time.perf_counter()
-  for _ in range(repeats):
-    _fetch(fn())
-  return (time.perf_counter() - start) / repeats
+_OPS = {">=": lambda a, b: a >= b, "<=": lambda a, b: a <= b, "<": lambda a, b: a < b, ">": lambda a, b: a > b}
 
 
-def _fetch(result):
+def format_table(rows: List[Row]) -> str:
+  header = (f"{'benchmark':46s} {'figure':>10s} {'reference':>10s} {'ratio':>7s} {'goal':>8s} {'result':6s} "
+            f"{'load':>5s}  unit / note")
+  lines = [header, "-" * len(header)]
+  for r in rows:
+    ref = f"{r.reference:10.4g}" if r.reference is not None else f"{'-':>10s}"
+    ratio = f"{r.ratio:7.3f}" if r.ratio is not None else f"{'-':>7s}"
+    verdict = {True: "pass", False: "MISS", None: "-"}[r.met]
+    dtype = "" if r.dtype == "float32" else f" ({r.dtype})"
+    lines.append(f"{r.name[:46]:46s} {r.figure:10.4g} {ref} {ratio} {r.goal:>8s} {verdict:6s} {r.load:5.1f}  "
+                 f"[{r.unit}]{dtype}" + (f"  {r.note}" if r.note else ""))
+  return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Timing.
+
+
+def fetch(result):
+  """Waits for `result` (any nest of tensors) by copying it to the host."""
   import tensorflow as tf
   for t in tf.nest.flatten(result):
     if hasattr(t, "numpy"):
       t.numpy()
 
 
-def format_table(rows: List[Row]) -> str:
-  header = f"{'benchmark':44s} {'figure':>12s} {'reference':>12s} {'ratio':>7s} {'goal':>8s}  result"
-  lines = [header, "-" * len(header)]
-  for r in rows:
-    ref = f"{r.reference:12.4g}" if r.reference is not None else f"{'-':>12s}"
-    ratio = f"{r.ratio:7.3f}" if r.ratio is not None else f"{'-':>7s}"
-    verdict = {True: "pass", False: "MISS", None: "-"}[r.met]
-    lines.append(f"{r.name[:44]:44s} {r.figure:12.4g} {ref} {ratio} {r.goal:>8s}  {verdict}  [{r.unit}]"
-                 + (f"  {r.note}" if r.note else ""))
-  return "\n".join(lines)
+def time_calls(fn: Callable[[], object], warmup: int, repeats: int) -> float:
+  """Seconds per call of `fn` (its result fetched to host), warm-up calls excluded."""
+  for _ in range(warmup):
+    fetch(fn())
+  start = time.perf_counter()
+  for _ in range(repeats):
+    fetch(fn())
+  return (time.perf_counter() - start) / repeats
+
+
+def time_interleaved(fns: Dict[str, Callable[[], object]], warmup: int, repeats: int,
+                     rounds: int) -> Dict[str, float]:
+  """Seconds per call of each fn: warm-up excluded, then `rounds` rounds of `repeats` calls of every
+  fn in turn; each fn's figure is its best round (see the module docstring)."""
+  for fn in fns.values():
+    for _ in range(warmup):
+      fetch(fn())
+  best = {name: float("inf") for name in fns}
+  for _ in range(rounds):
+    for name, fn in fns.items():
+      best[name] = min(best[name], time_calls(fn, 0, repeats))
+  return best
+
+
+# ---------------------------------------------------------------------------------------------------
+# Trainer steps on fixed batches.
+
+
+def make_trainer(names: Sequence[str], quick: bool, batches: Optional[Dict[str, int]] = None,
+                 options: Optional[Dict[str, dict]] = None, **config):
+  """A `tf_mtssl.train.Trainer` of tasks `names` at the mode's shapes, in a temporary model_dir.
+
+  batches: source images per task batch (default `BATCHES[quick]`); options: per-task option
+  overrides; config: more `TrainConfig` fields.
+  """
+  from tf_mtssl import train
+  batches = {**BATCHES[quick], **(batches or {})}
+  tasks = {n: make_task(n, quick, **(options or {}).get(n, {})) for n in names}
+  cfg = train.TrainConfig(train_steps=10, batch_size=batches[names[0]],
+                          task_batch_sizes={n: batches[n] for n in names}, progress_bar=False,
+                          grad_cosine_every=0, **config)
+  return train.Trainer(tempfile.mkdtemp(prefix="bench_trainer_"), tasks, trunk_config(quick), cfg,
+                       {n: data_spec(n) for n in names})
+
+
+def first_batches(trainer, seed: int = 0) -> dict:
+  """One real batch of every task of `trainer` (its own pipelines, at its batch sizes)."""
+  return {n: next(iter(t.build_dataset(trainer.data[n], trainer.config.batch_size_for(n), seed=seed)))
+          for n, t in trainer.tasks.items()}
+
+
+def fixed_step(trainer, batches: dict) -> Callable[[], object]:
+  """`trainer`'s compiled training step on the same `batches` at every call (no input pipeline)."""
+  import tensorflow as tf
+  iterators = {n: iter(trainer.strategy.experimental_distribute_dataset(
+      tf.data.Dataset.from_tensors(batches[n]).repeat())) for n in trainer.tasks}
+  step = trainer._train_step(False)  # noqa: SLF001 - the very step the training loop runs
+  return lambda: step(iterators)[0]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Child processes (measurements that need a fresh process: peak memory, distribution strategies).
+
+RESULT_PREFIX = "BENCH_RESULT "
+
+
+def emit_result(result: dict) -> None:
+  """In a child: prints the result on the line `spawn_children` reads."""
+  print(RESULT_PREFIX + json.dumps(result), flush=True)
+
+
+def spawn_children(module: str, args: Sequence[str], envs: Sequence[dict] = ({},),
+                   timeout_s: float = 1800) -> List[dict]:
+  """Runs `python -m module args` once per env (at the same time), from the repository root; returns
+  each process's result (`emit_result`). Processes still running after an error or the timeout are
+  killed by PID."""
+  command = [sys.executable, "-m", module, *args]
+  procs = [subprocess.Popen(command, cwd=REPO_ROOT, env={**os.environ, **env}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True) for env in envs]
+  try:
+    outputs = [p.communicate(timeout=timeout_s) for p in procs]
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+        p.wait()
+  results = []
+  for p, (out, err) in zip(procs, outputs):
+    if p.returncode != 0:
+      raise RuntimeError(f"{' '.join(command)} failed (exit {p.returncode}):\n{err[-3000:]}")
+    lines = [line for line in out.splitlines() if line.startswith(RESULT_PREFIX)]
+    if not lines:
+      raise RuntimeError(f"{' '.join(command)} printed no result:\n{out[-2000:]}\n{err[-2000:]}")
+    results.append(json.loads(lines[-1][len(RESULT_PREFIX):]))
+  return results
+
+
+def module_main(run: Callable[[bool], List[Row]], doc: str) -> None:
+  """`python -m bench.NAME [--quick]`: runs one benchmark module, prints its rows and their JSON."""
+  import argparse
+  parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--quick", action="store_true", help="tiny shapes, few steps")
+  rows = run(parser.parse_args().quick)
+  print(format_table(rows))
+  print(json.dumps([r.as_dict() for r in rows], indent=1))

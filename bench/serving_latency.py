@@ -12,13 +12,13 @@ measure the model, not the transfer of block-3 maps):
   concurrent_batching / concurrent_no_batching: `clients` threads sending 1-image requests at once,
     with the server's dynamic batcher on (default) and off (one model call per request, run in
     parallel by the gRPC thread pool): the question is whether merging helps on this machine.
+  direct: the same signature called in-process (`Signature.run`, no gRPC, no server), the reference
+    of the batch-1 and batch-16 rows: their ratio is what serving adds to the model.
 p99 of a few dozen requests is close to the maximum; read the figures as orders of magnitude on a
-shared machine.
+shared machine. No goals: the table reports the figures.
 """
 
-import argparse
 import concurrent.futures
-import json
 import os
 import shutil
 import tempfile
@@ -31,13 +31,14 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
+from bench import common  # noqa: E402
+from bench.common import Row  # noqa: E402
 from export import server_lib  # noqa: E402
 from tf_mtssl import export_lib  # noqa: E402
 from tf_mtssl import trunk as trunk_lib  # noqa: E402
 
 IMAGE_SIZE = 224
-TINY = dict(depth=14, output_stride=16, base_width=8)
-PAPER = dict(depth=101, output_stride=16, base_width=64)
+TINY, PAPER = common.QUICK_TRUNK, common.PAPER_TRUNK
 SETTINGS = {
     # requests of batch 1, requests of batch 16, concurrent clients and requests per client
     True: dict(trunks={"tiny": TINY}, batch1=10, batch16=3, clients=4, per_client=3),
@@ -76,6 +77,19 @@ def _sequential(stub, images: List[bytes], batch: int, requests: int) -> Dict[st
   return _summary(latencies, batch * requests, time.perf_counter() - start)
 
 
+def _direct(signature: server_lib.Signature, images: List[bytes], batch: int, requests: int) -> Dict[str, float]:
+  """The signature called in-process: the model's own latency (decoding + trunk + pooling)."""
+  inputs = {export_lib.BYTES_INPUT: np.array(images[:batch], dtype=object)}
+  signature.run(inputs)  # warm-up of this batch shape
+  latencies = []
+  start = time.perf_counter()
+  for _ in range(requests):
+    t = time.perf_counter()
+    signature.run(inputs)
+    latencies.append(time.perf_counter() - t)
+  return _summary(latencies, batch * requests, time.perf_counter() - start)
+
+
 def _concurrent(stub, images: List[bytes], clients: int, per_client: int) -> Dict[str, float]:
   def client(index):
     out = []
@@ -110,8 +124,11 @@ def bench_trunk(name: str, trunk_config: dict, settings: dict) -> Dict[str, dict
       try:
         stub = server_lib.make_stub(f"127.0.0.1:{servers.grpc_port}")
         if batching:  # sequential figures do not depend on batching (one request in flight)
-          result["batch1"] = _sequential(stub, images, 1, _pick(settings["batch1"], name))
-          result["batch16"] = _sequential(stub, images, 16, _pick(settings["batch16"], name))
+          signature = servers.core.model.signature(export_lib.SERVING_DEFAULT)
+          for batch in (1, 16):
+            requests = _pick(settings[f"batch{batch}"], name)
+            result[f"batch{batch}"] = _sequential(stub, images, batch, requests)
+            result[f"direct{batch}"] = _direct(signature, images, batch, requests)
         key = "concurrent_batching" if batching else "concurrent_no_batching"
         result[key] = _concurrent(stub, images, settings["clients"], _pick(settings["per_client"], name))
         if batching:
@@ -125,37 +142,27 @@ def bench_trunk(name: str, trunk_config: dict, settings: dict) -> Dict[str, dict
     shutil.rmtree(workdir, ignore_errors=True)
 
 
-def run(quick: bool) -> dict:
-  """Measures every trunk of the mode; returns the figures with the settings."""
+def run(quick: bool = False) -> List[Row]:
+  """Measures every trunk of the mode; returns the rows of the `python -m bench` table."""
   settings = SETTINGS[bool(quick)]
-  result = {"benchmark": "serving_latency", "quick": bool(quick), "image_size": IMAGE_SIZE,
-            "transport": "gRPC on 127.0.0.1, server in the same process", "outputs": ["features"],
-            "clients": settings["clients"],
-            "device": "GPU" if tf.config.list_physical_devices("GPU") else "CPU",
-            "cpu_count": os.cpu_count(), "trunks": {}}
+  rows = []
   for name, config in settings["trunks"].items():
-    result["trunks"][name] = bench_trunk(name, config, settings)
-  return result
-
-
-def main():
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--quick", action="store_true", help="Tiny trunk only, few requests (seconds).")
-  args = parser.parse_args()
-  result = run(args.quick)
-
-  def rounded(value):
-    if isinstance(value, dict):
-      return {k: rounded(v) for k, v in value.items()}
-    return round(value, 2) if isinstance(value, float) else value
-
-  print(json.dumps(rounded(result), indent=1))
-  print(f"{'trunk':10} {'mode':24} {'p50 ms':>9} {'p99 ms':>9} {'images/s':>9}")
-  for name, figures in result["trunks"].items():
-    for mode in ("batch1", "batch16", "concurrent_batching", "concurrent_no_batching"):
-      f = figures[mode]
-      print(f"{name:10} {mode:24} {f['p50_ms']:9.1f} {f['p99_ms']:9.1f} {f['images_per_s']:9.1f}")
+    r = bench_trunk(name, config, settings)
+    trunk = common.trunk_name(config)
+    for batch in (1, 16):
+      grpc, direct = r[f"batch{batch}"], r[f"direct{batch}"]
+      rows.append(Row(name=f"serving {trunk} batch {batch} p50 ({IMAGE_SIZE}px JPEG)", figure=grpc["p50_ms"],
+                      unit="ms/request", reference=direct["p50_ms"], ratio=grpc["p50_ms"] / direct["p50_ms"],
+                      note=f"ref: in-process signature call; p99 {grpc['p99_ms']:.1f} ms, "
+                           f"{grpc['images_per_s']:.1f} img/s, {grpc['requests']} requests (gRPC, 127.0.0.1)"))
+    on, off = r["concurrent_batching"], r["concurrent_no_batching"]
+    rows.append(Row(name=f"serving {trunk} {settings['clients']} clients, batching on/off",
+                    figure=on["images_per_s"], unit="img/s", reference=off["images_per_s"],
+                    ratio=on["images_per_s"] / off["images_per_s"],
+                    note=f"ref: batching off; p50 {on['p50_ms']:.0f} vs {off['p50_ms']:.0f} ms, "
+                         f"{on['mean_requests_per_call']:.1f} requests per model call"))
+  return rows
 
 
 if __name__ == "__main__":
-  main()
+  common.module_main(run, __doc__)
