@@ -3,7 +3,8 @@ MultiWorkerMirroredStrategy on 127.0.0.1, and a worker whose peer never starts.
 
 Every worker process is started with a timeout and killed by PID (SIGKILL: during start-up TF's own
 SIGTERM notifier swallows SIGTERM) in a finally block. The processes share the machine's 2 cores, so
-the trunk is tiny (flags/smoke.cfg: depth 14, base width 8, rp with 32-px patches) and runs 3 steps.
+the trunk is tiny (flags/smoke.cfg: depth 14, base width 8, rp with 32-px patches, 48-px photos) and
+runs 2-3 steps. Tests that start processes are marked slow (still run by default).
 """
 
 import contextlib
@@ -218,6 +219,7 @@ def _mirrored_two_cpus_check(model_dir: str, data: str) -> None:
   print("MIRRORED_OK", trainer.weights_fingerprint())
 
 
+@pytest.mark.slow
 def test_mirrored_strategy_on_two_logical_cpus_keeps_replicas_identical(tmp_path):
   data = helpers.write_photos(tmp_path / "photos", size=48)
   code = textwrap.dedent(f"""

@@ -31,11 +31,11 @@ MultiWorkerMirroredStrategy, without its costs (TF 2.21): on every start it prob
 metadata server (7 s here, offline; measured); and, as its source reads, on GCE CPU VMs it ignores
 signals altogether, on GCE GPU VMs it trains on for a one-hour grace period after the signal
 (grace_period=0 is read as "unset"), and its step counter must be restored from the same checkpoint
-on every worker. A
-non-finite loss stops the run with FloatingPointError before anything is saved, so the newest
-checkpoint is the last good one.
+on every worker. A non-finite loss stops the run with FloatingPointError before anything is saved,
+so the newest checkpoint is the last good one.
 """
 
+import contextlib
 import dataclasses
 import hashlib
 import itertools
@@ -44,7 +44,7 @@ import os
 import shutil
 import signal
 import time
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import keras
 import numpy as np
@@ -61,6 +61,11 @@ log = logging.getLogger(__name__)
 # that schedulers do not take the run as finished; 42 is the restart code TF's
 # PreemptionCheckpointHandler uses by default outside Google Cloud.
 PREEMPTED_EXIT_CODE = 42
+
+
+# --mixed_precision -> Keras dtype policy of the model's layers. Heads emit float32 logits and the
+# losses are computed in float32 (Task contract); float16 also gets dynamic loss scaling.
+MIXED_PRECISION_POLICIES = {"none": "float32", "bfloat16": "mixed_bfloat16", "float16": "mixed_float16"}
 
 
 @dataclasses.dataclass
@@ -82,6 +87,8 @@ class TrainConfig:
   image_summary_every: int = 500
   grad_cosine_every: int = 100         # 0 disables the task-gradient cosine diagnostics
   progress_bar: bool = True
+  mixed_precision: str = "none"        # none | bfloat16 | float16 (Keras policy; float16 adds loss scaling)
+  profile_steps: Optional[Tuple[int, int]] = None  # (first, last) step traced by the TF profiler
 
   def __post_init__(self):
     for name in ("train_steps", "batch_size", "log_every", "checkpoint_every", "keep_checkpoints"):
@@ -95,6 +102,14 @@ class TrainConfig:
     if not 0 <= self.rmsprop_rho < 1 or not 0 <= self.rmsprop_momentum < 1 or self.rmsprop_epsilon <= 0:
       raise ValueError(f"Bad RMSProp settings: rho={self.rmsprop_rho}, momentum={self.rmsprop_momentum}, "
                        f"epsilon={self.rmsprop_epsilon}")
+
+    if self.mixed_precision not in MIXED_PRECISION_POLICIES:
+      raise ValueError(f"mixed_precision must be one of {sorted(MIXED_PRECISION_POLICIES)}, got "
+                       f"{self.mixed_precision!r}")
+    if self.profile_steps is not None:
+      first, last = self.profile_steps
+      if not 1 <= first <= last:
+        raise ValueError(f"profile_steps must be (first, last) with 1 <= first <= last, got {self.profile_steps}")
 
   def batch_size_for(self, task: str) -> int:
     """Global batch of `task`: its override, else `batch_size`."""
@@ -115,6 +130,17 @@ class WarmupSchedule(keras.optimizers.schedules.LearningRateSchedule):
 
   def get_config(self):
     return {"peak": self.peak, "warmup_steps": self.warmup_steps}
+
+
+@contextlib.contextmanager
+def _dtype_policy(policy: str):
+  """Builds layers under `policy`, then restores the previous global policy (layers keep theirs)."""
+  previous = keras.mixed_precision.global_policy()
+  keras.mixed_precision.set_global_policy(policy)
+  try:
+    yield
+  finally:
+    keras.mixed_precision.set_global_policy(previous)
 
 
 def is_chief(strategy: tf.distribute.Strategy) -> bool:
@@ -237,9 +263,12 @@ class Trainer:
     checkpoints.check_compatible(model_dir, self.run_config)
 
     keras.utils.set_random_seed(config.seed)
-    with self.strategy.scope():
+    with self.strategy.scope(), _dtype_policy(MIXED_PRECISION_POLICIES[config.mixed_precision]):
       self.model = MultiTaskModel(self.tasks, trunk_config, lasso_l1=lasso_l1)
       self.optimizers = {n: make_optimizer(config, n) for n in self.tasks}
+      if config.mixed_precision == "float16":  # dynamic loss scaling; bfloat16 has float32's range
+        self.optimizers = {n: keras.optimizers.LossScaleOptimizer(o, name=f"loss_scale_{n}")
+                           for n, o in self.optimizers.items()}
       for n, opt in self.optimizers.items():
         opt.build(self.model.trainable_variables(n))
       self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step",
@@ -358,6 +387,8 @@ class Trainer:
         loss, metrics = task.loss_and_metrics(batch, predictions)
         total = tf.cast(loss, tf.float32) + self.model.regularization_loss(name)
         scaled = total / replicas
+        if isinstance(self.optimizers[name], keras.optimizers.LossScaleOptimizer):
+          scaled = self.optimizers[name].scale_loss(scaled)  # unscaled again in apply_gradients
       grads[name] = tape.gradient(scaled, variables)
       trunk_grads[name] = grads[name][:num_trunk]
       results[name] = {"loss": loss, **metrics, "total_loss": total,
@@ -463,7 +494,12 @@ class Trainer:
       while step < cfg.train_steps:
         with_cosines = bool(cfg.grad_cosine_every) and len(self.tasks) > 1 and (
             (step + 1) % cfg.grad_cosine_every == 0)
+        if cfg.profile_steps and self.chief and step + 1 == cfg.profile_steps[0]:
+          tf.profiler.experimental.start(os.path.join(self.write_dir, "train"))
         results, cosines, stop_votes = self._train_step(with_cosines)(iterators, stop.requested)
+        if cfg.profile_steps and self.chief and step + 1 == cfg.profile_steps[1]:
+          tf.profiler.experimental.stop()  # TensorBoard's Profile tab, beside the scalars
+          log.info("Wrote a profile of steps %d-%d to %s", *cfg.profile_steps, os.path.join(self.write_dir, "train"))
         losses = {n: float(r["total_loss"]) for n, r in results.items()}
         bad = {n: v for n, v in losses.items() if not np.isfinite(v)}
         if bad:
