@@ -135,3 +135,14 @@ def task_options_from_dict(name: str, values: Dict[str, object]):
       value = value.lower() in ("1", "true", "yes") if tp is bool else tp(value)
     converted[key] = value
   return options_cls(**converted)
+
+
+def parse_step_range(values, flag_name: str):
+  """['A', 'B'] -> (A, B); [] -> None."""
+  if not values:
+    return None
+  try:
+    first, last = (int(v) for v in values)
+  except ValueError as e:
+    raise ValueError(f"--{flag_name} takes FIRST,LAST step numbers, got {','.join(values)!r}") from e
+  return first, last

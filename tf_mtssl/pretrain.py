@@ -57,6 +57,11 @@ flags.DEFINE_float("cluster_timeout_s", distribute.DEFAULT_CLUSTER_TIMEOUT_S,
                    "multi_worker: longest wait for every worker of TF_CONFIG's cluster to start; after "
                    "it, the worker fails naming the addresses that did not answer.")
 flags.DEFINE_boolean("progress_bar", True, "Show a progress bar.")
+flags.DEFINE_enum("mixed_precision", "none", list(train.MIXED_PRECISION_POLICIES),
+                  "Keras mixed precision: bfloat16 (CPUs with AVX512-BF16, TPUs, recent GPUs) or float16 "
+                  "(GPUs; adds dynamic loss scaling). Heads' logits and losses stay float32.")
+flags.DEFINE_list("profile_steps", [], "FIRST,LAST: write a TensorBoard profile of these steps (1-based) "
+                  "to <model_dir>/train.")
 flag_utils.define_trunk_flags()
 flag_utils.define_lasso_flags()
 flag_utils.define_task_option_flags()
@@ -88,7 +93,8 @@ def _train():
       weight_decay=FLAGS.weight_decay, seed=FLAGS.seed, log_every=FLAGS.log_every,
       checkpoint_every=FLAGS.checkpoint_every, keep_checkpoints=FLAGS.keep_checkpoints,
       image_summary_every=FLAGS.image_summary_every, grad_cosine_every=FLAGS.grad_cosine_every,
-      progress_bar=FLAGS.progress_bar)
+      progress_bar=FLAGS.progress_bar, mixed_precision=FLAGS.mixed_precision,
+      profile_steps=flag_utils.parse_step_range(FLAGS.profile_steps, "profile_steps"))
   data = flag_utils.data_for_tasks(names, FLAGS.data,
                                    flag_utils.parse_task_assignments(FLAGS.task_data, "task_data"))
   trainer = train.Trainer(
