@@ -23,6 +23,26 @@ def test_corrupt_and_truncated_images_are_skipped_and_counted(tmp_path):
   assert [int(e["num_corrupt"]) for e in elements] == [0, 0, 0, 0, 2, 2, 2, 2, 4]
 
 
+def test_cached_decoding_gives_the_same_stream_and_counts_corrupt_images_once(tmp_path):
+  folder = helpers.write_photos(tmp_path / "photos", size=24)
+  open(os.path.join(folder, "zz_garbage.jpg"), "wb").write(b"not an image at all")
+  plain = take(sources.image_dataset(folder, seed=3, cache_decoded=False), 14)
+  cached = take(sources.image_dataset(folder, seed=3, cache_decoded=True), 14)
+  assert [e["image"].shape for e in plain] == [e["image"].shape for e in cached]
+  good = [e["image"].tobytes() for e in plain]
+  # Without the cache the corrupt file (the last one) is re-read and counted every epoch; with it, it
+  # is counted once, and every element carries that total.
+  assert int(plain[-1]["num_corrupt"]) >= 2
+  assert [int(e["num_corrupt"]) for e in cached] == [1] * 14
+  # 4 good images per epoch, each epoch a permutation of them.
+  assert all(sorted(good[i:i + 4]) == sorted(good[:4]) for i in (0, 4, 8))
+  assert sorted(e["image"].tobytes() for e in cached[:12]) == sorted(good[:12])
+  # Without corrupt files the cached stream is the uncached one, image for image.
+  os.remove(os.path.join(folder, "zz_garbage.jpg"))
+  assert [e["image"].tobytes() for e in take(sources.image_dataset(folder, seed=5, cache_decoded=True), 10)] == \
+      [e["image"].tobytes() for e in take(sources.image_dataset(folder, seed=5, cache_decoded=False), 10)]
+
+
 def test_gray_and_rgba_images_become_rgb(tmp_path):
   import skimage.io
   skimage.io.imsave(tmp_path / "gray.png", np.full((20, 30), 128, np.uint8), check_contrast=False)
