@@ -7,7 +7,6 @@ import sys
 
 import numpy as np
 import pytest
-import tensorflow as tf
 
 from tests import helpers
 from tf_mtssl import tasks as task_registry

@@ -161,24 +161,11 @@ class DepthSource:
 
   # ---- tfds -----------------------------------------------------------------------------------
   def _tfds_builder(self):
-    import tensorflow_datasets as tfds  # slow import: only this branch needs it
     name = self.spec[len("tfds:"):]
     if not name or ":" in name:
       raise ValueError(f"Bad tfds spec {self.spec!r}; expected tfds:NAME (splits come from "
                        "--train_split / --test_split)")
-    try:
-      builder = tfds.builder(name, data_dir=self.tfds_data_dir)
-    except Exception as e:  # noqa: BLE001 - tfds raises many types; re-raise naming the spec
-      raise ValueError(f"Unknown tensorflow-datasets dataset {name!r}: {e}") from e
-    if not os.path.isdir(builder.data_dir):
-      raise FileNotFoundError(
-          f"tensorflow-datasets {name!r} is not prepared in {self.tfds_data_dir or '~/tensorflow_datasets'}"
-          f" (looked for {builder.data_dir}); tf_mtssl never downloads: prepare it first and pass "
-          "--tfds_data_dir.")
-    for feature in ("image", "depth"):
-      if feature not in builder.info.features:
-        raise ValueError(f"tensorflow-datasets {name!r} has no {feature!r} feature")
-    return builder
+    return sources.prepared_tfds_builder(name, self.tfds_data_dir, required_features=("image", "depth"))
 
   def _tfds_split(self, split: str) -> tf.data.Dataset:
     try:

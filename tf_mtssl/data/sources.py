@@ -64,8 +64,12 @@ def _parse_example_image(serialized: tf.Tensor) -> tf.Tensor:
                   features["image"])
 
 
-def _tfds_encoded(name: str, split: str, data_dir: Optional[str]) -> tf.data.Dataset:
-  import tensorflow_datasets as tfds  # imported here: only this branch needs it (slow import)
+def prepared_tfds_builder(name: str, data_dir: Optional[str], required_features=()):
+  """The tensorflow-datasets builder of `name`, which must already be prepared in `data_dir`.
+
+  Never downloads: an unprepared dataset is a FileNotFoundError naming where it was looked for.
+  """
+  import tensorflow_datasets as tfds  # imported here: only tfds sources need it (slow import)
   try:
     builder = tfds.builder(name, data_dir=data_dir)
   except Exception as e:  # noqa: BLE001 - tfds raises many types; re-raise with the spec named
@@ -75,6 +79,15 @@ def _tfds_encoded(name: str, split: str, data_dir: Optional[str]) -> tf.data.Dat
         f"tensorflow-datasets {name!r} is not prepared in {data_dir or '~/tensorflow_datasets'} "
         f"(looked for {builder.data_dir}); tf_mtssl never downloads: prepare it first and pass "
         "--tfds_data_dir.")
+  for feature in required_features:
+    if feature not in builder.info.features:
+      raise ValueError(f"tensorflow-datasets {name!r} has no {feature!r} feature")
+  return builder
+
+
+def _tfds_encoded(name: str, split: str, data_dir: Optional[str]) -> tf.data.Dataset:
+  import tensorflow_datasets as tfds
+  builder = prepared_tfds_builder(name, data_dir, required_features=("image",))
   ds = builder.as_dataset(split=split, shuffle_files=True,
                           decoders={"image": tfds.decode.SkipDecoding()})
   return ds.map(lambda ex: ex["image"], num_parallel_calls=_AUTOTUNE)

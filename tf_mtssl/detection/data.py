@@ -13,13 +13,12 @@ original image (VOC's inclusive, 0-based pixel indices: tfds stores (v - 1) / si
 """
 
 import dataclasses
-import os
 from typing import Dict, List, Optional, Tuple
 
 import tensorflow as tf
 
 from tf_mtssl import preprocessing
-from tf_mtssl.data import detection_set
+from tf_mtssl.data import detection_set, sources
 
 _AUTOTUNE = tf.data.AUTOTUNE
 
@@ -54,16 +53,7 @@ def _signature():
 
 
 def _tfds_examples(name: str, split: str, data_dir: Optional[str]) -> Tuple[tf.data.Dataset, List[str]]:
-  import tensorflow_datasets as tfds  # slow import: only this source needs it
-  try:
-    builder = tfds.builder(name, data_dir=data_dir)
-  except Exception as e:  # noqa: BLE001 - tfds raises many types; re-raise naming the spec
-    raise ValueError(f"Unknown tensorflow-datasets dataset {name!r}: {e}") from e
-  if not os.path.isdir(builder.data_dir):
-    raise FileNotFoundError(
-        f"tensorflow-datasets {name!r} is not prepared in {data_dir or '~/tensorflow_datasets'} "
-        f"(looked for {builder.data_dir}); tf_mtssl never downloads: prepare it first and pass "
-        "--tfds_data_dir.")
+  builder = sources.prepared_tfds_builder(name, data_dir, required_features=("image", "objects"))
   objects = builder.info.features["objects"]
   class_names = list(objects["label"].names)
   ds = builder.as_dataset(split=split, shuffle_files=False)
