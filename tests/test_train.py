@@ -94,6 +94,15 @@ def test_restore_trunk_by_name_from_a_run(tmp_path, photos):
   trunk = checkpoints.restore_trunk(str(run))
   for a, b in zip(trainer.model.trunk.weights, trunk.weights):
     np.testing.assert_array_equal(a.numpy(), b.numpy())
+  # Relative run directories: latest_checkpoint's prefix ("run/ckpt-2") is used as given.
+  cwd = os.getcwd()
+  os.chdir(tmp_path)
+  try:
+    assert checkpoints.resolve_checkpoint("run", tf.train.latest_checkpoint("run")) == os.path.join("run", "ckpt-2")
+    assert checkpoints.resolve_checkpoint("run", "ckpt-2") == os.path.join("run", "ckpt-2")
+    checkpoints.restore_trunk("run")
+  finally:
+    os.chdir(cwd)
   os.makedirs(tmp_path / "empty")
   checkpoints.save_run_config(str(tmp_path / "empty"), checkpoints.load_run_config(str(run)))
   with pytest.raises(FileNotFoundError, match="No checkpoint"):

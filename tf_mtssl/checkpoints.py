@@ -65,7 +65,10 @@ def check_compatible(model_dir: str, config: dict) -> None:
 def resolve_checkpoint(model_dir: str, checkpoint: Optional[str] = None) -> str:
   """The named checkpoint (a prefix, absolute or relative to model_dir) or the latest one."""
   if checkpoint:
-    candidate = checkpoint if os.path.isabs(checkpoint) else os.path.join(model_dir, checkpoint)
+    # A prefix as given (absolute, or relative to the working directory as latest_checkpoint returns
+    # it), else relative to model_dir (e.g. "ckpt-10").
+    as_given = tf.io.gfile.exists(checkpoint + ".index")
+    candidate = checkpoint if as_given or os.path.isabs(checkpoint) else os.path.join(model_dir, checkpoint)
     if not tf.io.gfile.exists(candidate + ".index"):
       raise FileNotFoundError(f"Checkpoint {candidate} not found (no {candidate}.index)")
     return candidate
