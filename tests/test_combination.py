@@ -82,8 +82,44 @@ def test_four_task_lasso_run_writes_alpha_images_and_gradient_cosines(tmp_path):
   assert "lasso/alpha" in tags
   assert {f"grad_cosine/{a}_vs_{b}" for a, b in [("col", "ex"), ("col", "ms"), ("ex", "rp"), ("ms", "rp")]} <= tags
   for name in ("rp", "col", "ex", "ms"):
-    assert f"{name}/loss" in tags
+    assert f"{name}/loss" in tags and f"{name}/trunk_update_norm" in tags
   from tf_mtssl import checkpoints
   lasso = checkpoints.restore_lasso(str(run))
   assert lasso.rows == ["rp", "col", "ex", "ms"]
   assert np.isfinite(lasso.alphas().numpy()).all()
+
+
+OPTIMIZER_FLAGS = ("learning_rate", "warmup_steps", "rmsprop_rho", "rmsprop_momentum", "rmsprop_epsilon",
+                   "weight_decay", "trunk_update")
+
+
+def paper_optimizer_settings():
+  """The distinct optimizer settings of the paper flagfiles ({flag: value} each)."""
+  settings = set()
+  for stem in PAPER_CONFIGS:
+    fv = parse_pretrain_flagfile(helpers.REPO_ROOT / "flags" / f"{stem}.cfg")
+    settings.add(tuple((k, getattr(fv, k)) for k in OPTIMIZER_FLAGS))
+  return [dict(s) for s in sorted(settings)]
+
+
+def last_update_norms(tmp_path, settings, steps=3):
+  """Per-task trunk update norms at the last of `steps` steps of a tiny trunk with every registered task."""
+  from tf_mtssl import train
+  names = task_registry.registered_tasks()
+  config = train.TrainConfig(train_steps=steps, batch_size=2, log_every=1, checkpoint_every=steps,
+                             image_summary_every=0, grad_cosine_every=0, progress_bar=False, **settings)
+  trainer = train.Trainer(str(tmp_path), {n: helpers.tiny_task(n) for n in names}, helpers.TINY_TRUNK, config,
+                          {n: "embedded" for n in names})
+  return {n: m["trunk_update_norm"] for n, m in trainer.train().items()}
+
+
+def test_per_task_trunk_updates_stay_within_a_small_factor_at_the_paper_settings(tmp_path):
+  settings = paper_optimizer_settings()
+  assert len(settings) == 1, f"paper flagfiles disagree on the optimizer: {settings}"
+  norms = last_update_norms(tmp_path / "paper", settings[0])
+  assert all(v > 0 for v in norms.values()), norms
+  # Each task's RMSProp normalises its own gradient scale (tf_mtssl/optimizer.py): 1.2x measured.
+  assert max(norms.values()) / min(norms.values()) < 2.0, norms
+  # The check has power: TF-slim's epsilon 1.0 leaves the raw gradient scales in the updates.
+  unnormalised = last_update_norms(tmp_path / "slim", {**settings[0], "rmsprop_epsilon": 1.0})
+  assert max(unnormalised.values()) / min(unnormalised.values()) > 4.0, unnormalised

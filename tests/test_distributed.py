@@ -197,8 +197,9 @@ def _mirrored_two_cpus_check(model_dir: str, data: str) -> None:
                           smoke_config(train_steps=2, batch_size=4, checkpoint_every=2), {"rp": data},
                           strategy=strategy)
 
-  def copies(variable):
-    return [np.asarray(v) for v in strategy.experimental_local_results(getattr(variable, "value", variable))]
+  def copies(variable):  # each replica's copy of a Keras or tf variable
+    variable = variable.value if isinstance(variable, keras.Variable) else variable
+    return [np.asarray(v) for v in strategy.experimental_local_results(variable)]
 
   model_vars = trainer.model.trunk.weights + trainer.model.heads["rp"].weights
   before = [copies(v)[0].copy() for v in trainer.model.trunk.trainable_weights]
@@ -211,9 +212,9 @@ def _mirrored_two_cpus_check(model_dir: str, data: str) -> None:
   trainer.save()  # ckpt-1, after syncing the moving statistics
   trainer.train()  # restores ckpt-1, trains step 2, saves ckpt-2
   assert int(trainer.step.numpy()) == 2 and tf.train.latest_checkpoint(model_dir).endswith("ckpt-2")
-  for variable in model_vars + list(trainer.optimizers["rp"].variables):
+  for variable in model_vars + list(trainer.optimizer.variables):
     a, b = copies(variable)
-    np.testing.assert_array_equal(a, b, err_msg=variable.path)
+    np.testing.assert_array_equal(a, b, err_msg=getattr(variable, "path", variable.name))
   after = [copies(v)[0] for v in trainer.model.trunk.trainable_weights]
   assert any(not np.array_equal(a, b) for a, b in zip(before, after)), "no update applied"
   print("MIRRORED_OK", trainer.weights_fingerprint())
@@ -275,6 +276,7 @@ def test_two_workers_resume_keep_identical_weights_and_match_one_process_on_the_
   restored = train.Trainer(run, task, helpers.TINY_TRUNK, smoke_config(), {"rp": data})
   assert restored.restore_latest() == steps
   assert restored.weights_fingerprint() == fingerprint(logs[1])
+  noise_only = zero_gradient_variables(restored)  # (its training-mode pass moves restored's BN statistics)
 
   # One process from the same step-1 checkpoint, global batch [X_t; X_t] from the resumed stream.
   keras.utils.clear_session()
@@ -286,10 +288,30 @@ def test_two_workers_resume_keep_identical_weights_and_match_one_process_on_the_
   expected = [float(step(iterators)[0]["rp"]["loss"]) for _ in range(1, steps)]
   logged = scalars(run, "rp/loss")
   np.testing.assert_allclose([logged[s] for s in range(2, steps + 1)], expected, rtol=1e-4)
+  # Weights agree up to rounding, except those whose true gradient is 0: the biases that reach the loss
+  # only through training-mode batch norm (the next unit's pre-activation, or the rp head's first batch
+  # norm, cancels a per-channel shift). Their gradients are float noise, which a normalised optimizer
+  # turns into small random steps that depend on the reduction order (tf_mtssl/optimizer.py, epsilon).
+  assert noise_only and all(re.fullmatch(r"(conv1|block\d_unit\d+_(conv3|shortcut))/bias", p) for p in noise_only)
   trunk = checkpoints.restore_trunk(run)
+  compared = 0
   for ours, ref in zip(trunk.weights, reference.model.trunk.weights):
-    np.testing.assert_allclose(ours.numpy(), ref.numpy(), atol=1e-4, err_msg=ours.path)
+    if ref.path not in noise_only:
+      np.testing.assert_allclose(ours.numpy(), ref.numpy(), atol=1e-4, err_msg=ours.path)
+      compared += 1
+  assert compared > 0.8 * len(trunk.weights)
   assert scalars(run, "rp/num_corrupt")[steps] >= 1
+
+
+def zero_gradient_variables(trainer: train.Trainer, relative: float = 1e-4):
+  """Paths of the trunk variables whose rp gradient is below `relative` x the median gradient element."""
+  batch = next(iter(trainer.tasks["rp"].build_dataset(trainer.data["rp"], 4, seed=0)))
+  variables = trainer.model.trunk.trainable_variables
+  with tf.GradientTape() as tape:
+    loss, _ = trainer.tasks["rp"].loss_and_metrics(batch, trainer.model.predictions("rp", batch, training=True))
+  grads = [np.abs(g.numpy()) for g in tape.gradient(loss, variables)]
+  median = np.median(np.concatenate([g.ravel() for g in grads]))
+  return {v.path for v, g in zip(variables, grads) if g.max() < relative * median}
 
 
 @pytest.mark.slow

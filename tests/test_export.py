@@ -24,7 +24,7 @@ def run_dir(tmp_path_factory):
   photos = helpers.write_photos(tmp_path_factory.mktemp("photos"), size=96)
   run = str(tmp_path_factory.mktemp("run"))
   config = train.TrainConfig(train_steps=2, batch_size=2, learning_rate=1e-2, warmup_steps=1,
-                             rmsprop_epsilon=1e-3, log_every=1, checkpoint_every=1, image_summary_every=0,
+                             log_every=1, checkpoint_every=1, image_summary_every=0,
                              grad_cosine_every=0, progress_bar=False)
   train.Trainer(run, {"rp": helpers.tiny_task("rp")}, helpers.TINY_TRUNK, config, {"rp": photos}).train()
   return run

@@ -4,7 +4,7 @@ Layout of `model_dir` (a pretraining run):
   run_config.json        the resolved configuration (trunk architecture, tasks, options, flags), so
                          export and evaluation rebuild the model without repeated flags;
   ckpt-N.*, checkpoint   `tf.train.CheckpointManager` checkpoints whose named items are
-                         `trunk`, `heads/<task>`, `lasso`, `optimizers/<task>` and `step`, so a
+                         `trunk`, `heads/<task>`, `lasso`, `optimizer` (the per-task RMSProp states) and `step`, so a
                          downstream job restores the trunk alone (`restore_trunk`);
   train/                 TensorBoard summaries.
 """

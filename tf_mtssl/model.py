@@ -62,9 +62,13 @@ class MultiTaskModel:
       return tf.constant(0.0)
     return self.lasso.l1_penalty(name)
 
-  def trainable_variables(self, name: str) -> list:
-    """What task `name`'s optimizer updates: the shared trunk, its head (and its lasso row)."""
-    variables = list(self.trunk.trainable_variables) + list(self.heads[name].trainable_variables)
+  def own_variables(self, name: str) -> list:
+    """What only task `name` trains: its head (and its lasso row)."""
+    variables = list(self.heads[name].trainable_variables)
     if self.lasso is not None:
       variables.append(self.lasso.alpha_variable(name))
     return variables
+
+  def trainable_variables(self, name: str) -> list:
+    """What task `name`'s loss trains: the shared trunk, then its own variables."""
+    return list(self.trunk.trainable_variables) + self.own_variables(name)

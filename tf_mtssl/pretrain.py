@@ -36,12 +36,18 @@ flags.DEFINE_integer("image_size", 224, "Side of the square full-image inputs of
 flags.DEFINE_integer("batch_size", 32, "Global batch per task (examples of that task's pipeline).")
 flags.DEFINE_multi_string("task_batch_size", [], "Per-task global batch override TASK=N (e.g. rp=56); repeatable.")
 flags.DEFINE_integer("train_steps", 100_000, "Total steps (each step = one batch of every task).")
-flags.DEFINE_float("learning_rate", 0.01, "Peak RMSProp learning rate (paper_spec 4 [I]: 1e-3..1e-2).")
+flags.DEFINE_float("learning_rate", 1e-4, "Peak learning rate of every task's RMSProp; a normalised step moves "
+                   "each weight by about this much (tf_mtssl/optimizer.py).")
 flags.DEFINE_integer("warmup_steps", 1000, "Linear learning-rate warm-up steps.")
-flags.DEFINE_float("rmsprop_rho", 0.9, "RMSProp decay (paper_spec 4 [I]).")
+flags.DEFINE_float("rmsprop_rho", 0.9, "RMSProp decay of the second moment (paper_spec 4 [I]).")
 flags.DEFINE_float("rmsprop_momentum", 0.9, "RMSProp momentum (paper_spec 4 [I]).")
-flags.DEFINE_float("rmsprop_epsilon", 1.0, "RMSProp epsilon (paper_spec 4 [I]: TF-slim's 1.0).")
-flags.DEFINE_float("weight_decay", 1e-4, "Decoupled weight decay on kernels (paper_spec 4 [I]).")
+flags.DEFINE_float("rmsprop_epsilon", 1e-6, "RMSProp epsilon, added to the gradient RMS (outside the root): "
+                   "far below the trunk's per-element gradients, so each task's RMSProp normalises it.")
+flags.DEFINE_float("weight_decay", 1e-4, "Decoupled weight decay on kernels, applied once per step whatever "
+                   "the number of tasks (paper_spec 4 [I]).")
+flags.DEFINE_enum("trunk_update", "sum", ["sum", "mean"], "How the per-task RMSProp updates combine on the "
+                  "shared trunk: sum (each task's optimizer applies its own update, paper_spec 4) or mean "
+                  "(the trunk step of a single-task run).")
 flags.DEFINE_boolean("harmonize", False, "paper_spec 6: rp uses colorization's gray input instead of "
                      "colour dropping.")
 flags.DEFINE_integer("seed", 0, "Seed of initialisation and input pipelines.")
@@ -90,7 +96,7 @@ def _train():
       learning_rate=FLAGS.learning_rate,
       warmup_steps=FLAGS.warmup_steps, rmsprop_rho=FLAGS.rmsprop_rho,
       rmsprop_momentum=FLAGS.rmsprop_momentum, rmsprop_epsilon=FLAGS.rmsprop_epsilon,
-      weight_decay=FLAGS.weight_decay, seed=FLAGS.seed, log_every=FLAGS.log_every,
+      weight_decay=FLAGS.weight_decay, trunk_update=FLAGS.trunk_update, seed=FLAGS.seed, log_every=FLAGS.log_every,
       checkpoint_every=FLAGS.checkpoint_every, keep_checkpoints=FLAGS.keep_checkpoints,
       image_summary_every=FLAGS.image_summary_every, grad_cosine_every=FLAGS.grad_cosine_every,
       progress_bar=FLAGS.progress_bar, mixed_precision=FLAGS.mixed_precision,

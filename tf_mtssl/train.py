@@ -3,9 +3,10 @@ RMSProp state per task, the per-task updates applied to the shared trunk and eac
 
 The loop is a custom `strategy.run` loop (Keras 3 `model.fit` fails under
 MultiWorkerMirroredStrategy, keras#20585). Within one step every task's gradients are computed at
-the same weights first; then each task's own RMSProp optimizer applies its update to the trunk and
-to its head, so the trunk receives the sum of the per-task updates and each task's second-moment
-estimate normalises its own gradient scale (paper_spec 4: "separate RMSProp optimizers").
+the same weights first; then `tf_mtssl.optimizer.PerTaskRMSProp` normalises each task's gradient by
+that task's own RMSProp state and applies the sum (or mean) of the task updates to the trunk, each
+task's update to its own head, and weight decay once (paper_spec 4: "separate RMSProp optimizers").
+`<task>/trunk_update_norm` logs the size of each task's trunk update.
 
 Distribution. Runs in `tf.distribute.get_strategy()` or the strategy passed in
 (`tf_mtssl.distribute.make_strategy`). Each task's dataset is built once per input pipeline with
@@ -52,6 +53,7 @@ import tensorflow as tf
 from tqdm import tqdm
 
 from tf_mtssl import checkpoints, distribute
+from tf_mtssl import optimizer as optimizer_lib
 from tf_mtssl.model import MultiTaskModel
 from tf_mtssl.tasks.base import NUM_CORRUPT_KEY, Task
 
@@ -74,12 +76,13 @@ class TrainConfig:
   train_steps: int = 1000
   batch_size: int = 32                 # global batch per task (examples of that task's pipeline)
   task_batch_sizes: Dict[str, int] = dataclasses.field(default_factory=dict)  # per-task overrides
-  learning_rate: float = 0.01
+  learning_rate: float = 1e-4         # peak; normalised RMSProp steps are ~lr per element (optimizer.py)
   warmup_steps: int = 500
-  rmsprop_rho: float = 0.9             # paper_spec 4 [I]: TF-slim ImageNet RMSProp settings
+  rmsprop_rho: float = 0.9             # paper_spec 4 [I]
   rmsprop_momentum: float = 0.9
-  rmsprop_epsilon: float = 1.0
-  weight_decay: float = 1e-4           # decoupled, conv/dense kernels only
+  rmsprop_epsilon: float = 1e-6        # outside the root, << |g|: normalises each task (optimizer.py)
+  weight_decay: float = 1e-4           # decoupled, kernels only, once per step whatever the task count
+  trunk_update: str = "sum"            # sum | mean of the per-task updates on the trunk (optimizer.py)
   seed: int = 0
   log_every: int = 10
   checkpoint_every: int = 500
@@ -103,6 +106,8 @@ class TrainConfig:
       raise ValueError(f"Bad RMSProp settings: rho={self.rmsprop_rho}, momentum={self.rmsprop_momentum}, "
                        f"epsilon={self.rmsprop_epsilon}")
 
+    if self.trunk_update not in optimizer_lib.COMBINE_MODES:
+      raise ValueError(f"trunk_update must be one of {optimizer_lib.COMBINE_MODES}, got {self.trunk_update!r}")
     if self.mixed_precision not in MIXED_PRECISION_POLICIES:
       raise ValueError(f"mixed_precision must be one of {sorted(MIXED_PRECISION_POLICIES)}, got "
                        f"{self.mixed_precision!r}")
@@ -161,14 +166,13 @@ def worker_name(strategy) -> str:
   return f"{resolver.task_type}_{resolver.task_id}"
 
 
-def make_optimizer(config: TrainConfig, name: str) -> keras.optimizers.Optimizer:
-  optimizer = keras.optimizers.RMSprop(
+def make_optimizer(config: TrainConfig, model: MultiTaskModel) -> optimizer_lib.PerTaskRMSProp:
+  """One RMSProp state per task over the shared trunk and the task's own head (and lasso row)."""
+  return optimizer_lib.PerTaskRMSProp(
+      model.trunk.trainable_variables, {n: model.own_variables(n) for n in model.task_names},
       learning_rate=WarmupSchedule(config.learning_rate, config.warmup_steps), rho=config.rmsprop_rho,
-      momentum=config.rmsprop_momentum, epsilon=config.rmsprop_epsilon,
-      weight_decay=config.weight_decay or None, name=f"rmsprop_{name}")
-  # Decay only conv/dense kernels (paper_spec 4 [I]: weight decay on conv kernels).
-  optimizer.exclude_from_weight_decay(var_names=["gamma", "beta", "bias", "alpha", "moving"])
-  return optimizer
+      momentum=config.rmsprop_momentum, epsilon=config.rmsprop_epsilon, weight_decay=config.weight_decay,
+      combine=config.trunk_update, loss_scale="dynamic" if config.mixed_precision == "float16" else None)
 
 
 def _flat_cosines(grads: Dict[str, List[tf.Tensor]]) -> Dict[str, tf.Tensor]:
@@ -265,15 +269,11 @@ class Trainer:
     keras.utils.set_random_seed(config.seed)
     with self.strategy.scope(), _dtype_policy(MIXED_PRECISION_POLICIES[config.mixed_precision]):
       self.model = MultiTaskModel(self.tasks, trunk_config, lasso_l1=lasso_l1)
-      self.optimizers = {n: make_optimizer(config, n) for n in self.tasks}
-      if config.mixed_precision == "float16":  # dynamic loss scaling; bfloat16 has float32's range
-        self.optimizers = {n: keras.optimizers.LossScaleOptimizer(o, name=f"loss_scale_{n}")
-                           for n, o in self.optimizers.items()}
-      for n, opt in self.optimizers.items():
-        opt.build(self.model.trainable_variables(n))
+      # float16 gets a dynamic loss scale per task; bfloat16 has float32's range and needs none.
+      self.optimizer = make_optimizer(config, self.model)
       self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step",
                               aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
-    items = dict(step=self.step, trunk=self.model.trunk, heads=self.model.heads, optimizers=self.optimizers)
+    items = dict(step=self.step, trunk=self.model.trunk, heads=self.model.heads, optimizer=self.optimizer)
     if self.model.lasso is not None:
       items["lasso"] = self.model.lasso
     self.checkpoint = tf.train.Checkpoint(**items)
@@ -331,14 +331,14 @@ class Trainer:
     self._sync_fn()
 
   def weights_fingerprint(self) -> str:
-    """SHA-256 of trunk, heads, lasso and per-task optimizer states (this process's first replica).
+    """SHA-256 of trunk, heads, lasso and the per-task optimizer states (this process's first replica).
 
     Equal on every worker of a synchronous run; equal to the fingerprint of a Trainer that restored
     this run's final checkpoint.
     """
-    variables = list(self.model.trunk.weights)
+    variables = list(self.model.trunk.weights) + list(self.optimizer.variables)
     for name in sorted(self.tasks):
-      variables += list(self.model.heads[name].weights) + list(self.optimizers[name].variables)
+      variables += list(self.model.heads[name].weights)
     if self.model.lasso is not None:
       variables += list(self.model.lasso.weights)
     digest = hashlib.sha256()
@@ -378,24 +378,22 @@ class Trainer:
   def _replica_step(self, batches, with_cosines: bool):
     replicas = tf.distribute.get_replica_context().num_replicas_in_sync
     grads, results, trunk_grads = {}, {}, {}
-    num_trunk = len(self.model.trunk.trainable_variables)
+    num_trunk = len(self.optimizer.shared)
     for name, task in self.tasks.items():
       batch = batches[name]
-      variables = self.model.trainable_variables(name)
       with tf.GradientTape() as tape:
         predictions = self.model.predictions(name, batch, training=True)
         loss, metrics = task.loss_and_metrics(batch, predictions)
         total = tf.cast(loss, tf.float32) + self.model.regularization_loss(name)
-        scaled = total / replicas
-        if isinstance(self.optimizers[name], keras.optimizers.LossScaleOptimizer):
-          scaled = self.optimizers[name].scale_loss(scaled)  # unscaled again in apply_gradients
-      grads[name] = tape.gradient(scaled, variables)
+        # Divided by the replicas: the all-reduced SUM of the gradients is the global-batch mean's.
+        scaled = self.optimizer.scale_loss(name, total / replicas)  # unscaled again in apply
+      grads[name] = tape.gradient(scaled, self.optimizer.variables_of(name))
       trunk_grads[name] = grads[name][:num_trunk]
       results[name] = {"loss": loss, **metrics, "total_loss": total,
                        NUM_CORRUPT_KEY: tf.reduce_max(batch[NUM_CORRUPT_KEY])}
     # All gradients are taken at the same weights before any update (paper_spec 4).
-    for name in self.tasks:
-      self.optimizers[name].apply_gradients(zip(grads[name], self.model.trainable_variables(name)))
+    for name, norm in self.optimizer.apply(grads).items():
+      results[name]["trunk_update_norm"] = norm
     cosines = _flat_cosines(trunk_grads) if with_cosines and len(self.tasks) > 1 else {}
     return results, cosines
 
@@ -516,7 +514,7 @@ class Trainer:
           for n, r in last.items():
             for k, v in r.items():
               tf.summary.scalar(f"{n}/{k}", v, step=step)
-            tf.summary.scalar(f"{n}/learning_rate", float(self.optimizers[n].learning_rate), step=step)
+            tf.summary.scalar(f"{n}/learning_rate", float(self.optimizer.current_learning_rate()), step=step)
             tf.summary.scalar(f"{n}/examples_per_second", steps_per_s * cfg.batch_size_for(n), step=step)
           for k, v in cosines.items():
             tf.summary.scalar(f"grad_cosine/{k}", float(v), step=step)
