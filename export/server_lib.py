@@ -13,6 +13,14 @@ Errors: an unknown model or version is NOT_FOUND (REST 404); an unknown signatur
 input keys, a wrong dtype or shape, an unknown output filter, or bytes that are not an image are
 INVALID_ARGUMENT (REST 400); the server keeps serving.
 
+Limits (each a flag of export.serve): a request holds 1 to `max_instances` examples and every image
+decodes to at most `max_image_pixels` pixels, both INVALID_ARGUMENT (REST 400), the pixels read from
+the image header before any decoding (export/image_headers.py); a REST body over `max_body_mb` is
+413 (gRPC: its own RESOURCE_EXHAUSTED over `max_message_mb`). REST bodies come with Content-Length or
+Transfer-Encoding: chunked. Ports are never shared: a port in use fails the start (gRPC's default
+SO_REUSEPORT is turned off), and both ports are bound before the model loads, so that a clash fails
+at once.
+
 Batching: requests run on a thread pool. With batching on, compatible requests (same signature and
 per-example shapes) that arrive while the model is busy are merged into one call of up to
 `max_batch_size` examples; an idle server runs a request at once (`batch_timeout_ms` = 0 adds no
@@ -27,13 +35,15 @@ in parallel were as fast or faster.
 import base64
 import collections
 import concurrent.futures
+import errno
 import json
 import logging
 import os
+import socket
 import threading
 import time
 from http import server as http_server
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import grpc
 import numpy as np
@@ -45,6 +55,7 @@ from tensorflow_serving.apis import get_model_metadata_pb2
 from tensorflow_serving.apis import predict_pb2
 from tensorflow_serving.apis import prediction_service_pb2_grpc
 
+from export import image_headers
 from tf_mtssl import export_lib
 
 log = logging.getLogger(__name__)
@@ -53,7 +64,18 @@ INVALID_ARGUMENT = grpc.StatusCode.INVALID_ARGUMENT
 NOT_FOUND = grpc.StatusCode.NOT_FOUND
 INTERNAL = grpc.StatusCode.INTERNAL
 UNAVAILABLE = grpc.StatusCode.UNAVAILABLE
-_HTTP_STATUS = {INVALID_ARGUMENT: 400, NOT_FOUND: 404, UNAVAILABLE: 503, INTERNAL: 500}
+RESOURCE_EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED
+_HTTP_STATUS = {INVALID_ARGUMENT: 400, NOT_FOUND: 404, RESOURCE_EXHAUSTED: 413, UNAVAILABLE: 503,
+                INTERNAL: 500}
+
+# Defaults of export.serve's flags. [I] all four: none comes from the paper or TF Serving.
+DEFAULT_HOST = "127.0.0.1"  # this machine only; 0.0.0.0 (every interface) is an explicit choice
+DEFAULT_MAX_INSTANCES = 64  # 4x export.client's batch of 16; 4,096 took 35 s and a 280 MB reply
+DEFAULT_MAX_IMAGE_PIXELS = 25_000_000  # a 6000x4000 camera photo (72 MB decoded) fits; 8000x8000 not
+DEFAULT_MAX_BODY_MB = 64.0  # 64 images of about 750 KB (base64 adds a third)
+REST_SOCKET_TIMEOUT_S = 60.0  # a REST client silent this long (mid-request or idle) frees its thread
+REST_DRAIN_S = 5.0  # after refusing an unread body: how long to read and drop it, so the client
+#                     reads the refusal instead of a reset connection
 SIGNATURE_DEF_FIELD = "signature_def"  # the one metadata field TF Serving's GetModelMetadata knows
 
 
@@ -362,10 +384,15 @@ class ModelServer:
 
   def __init__(self, export_dir: str, model_name: str = "tf_mtssl", batching: bool = True,
                max_batch_size: int = 16, batch_timeout_ms: float = 0.0, num_batch_threads: int = 1,
-               poll_seconds: float = 2.0, warm_up: bool = True):
+               poll_seconds: float = 2.0, warm_up: bool = True,
+               max_instances: int = DEFAULT_MAX_INSTANCES, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS):
     if not model_name:
       raise ValueError("model_name must not be empty")
+    for name, value in (("max_instances", max_instances), ("max_image_pixels", max_image_pixels)):
+      if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
     self.export_dir, self.model_name, self._warm = export_dir, model_name, warm_up
+    self.max_instances, self.max_image_pixels = int(max_instances), int(max_image_pixels)
     version, path = export_lib.latest_version(export_dir)
     self._model = self._load(version, path)
     self._lock = threading.Lock()
@@ -418,11 +445,48 @@ class ModelServer:
     signature = model.signature(signature_name)
     arrays = signature.validate(inputs)
     keys = signature.select_outputs(output_filter)
+    self.check_limits(signature, arrays)
     if self.batcher is not None and signature.batchable(arrays):
       outputs = self.batcher.run(signature, arrays, key_prefix=(model.version,))
     else:
       outputs = signature.run(arrays)
     return model, signature, {k: outputs[k] for k in keys}
+
+  def check_batch_size(self, examples: int) -> None:
+    """A request holds 1 to max_instances examples (INVALID_ARGUMENT otherwise)."""
+    if examples == 0:
+      raise ServingError(INVALID_ARGUMENT, "the request has no examples (a batch of 0): send at least one")
+    if examples > self.max_instances:
+      raise ServingError(INVALID_ARGUMENT, f"the request has {examples} examples; this server takes at "
+                         f"most {self.max_instances} per request (its --max_instances): split it")
+
+  def check_limits(self, signature: Signature, inputs: Dict[str, np.ndarray]) -> None:
+    """Batch size and pixels per image of validated inputs, before anything is decoded or run.
+
+    DT_STRING inputs are encoded images (the sizes come from their headers); rank-4 inputs are
+    [batch, height, width, channels] image tensors.
+    """
+    batched = [v for k, v in inputs.items() if v.ndim and signature.inputs[k].shape[0] is None]
+    if batched:
+      self.check_batch_size(batched[0].shape[0])
+    for key, value in inputs.items():
+      if signature.inputs[key].dtype == tf.string:
+        for index, item in enumerate(value.reshape(-1)):
+          try:
+            size = image_headers.decoded_size(item)
+          except ValueError as e:
+            raise ServingError(INVALID_ARGUMENT, f"input '{key}' element {index} {e}") from None
+          if size is not None and size.pixels > self.max_image_pixels:
+            self._refuse_pixels(key, index, size.description, size.pixels)
+      elif value.ndim == 4 and value.shape[1] * value.shape[2] > self.max_image_pixels:
+        self._refuse_pixels(key, None, f"{value.shape[1]}x{value.shape[2]} tensor",
+                            value.shape[1] * value.shape[2])
+
+  def _refuse_pixels(self, key: str, index: Optional[int], description: str, pixels: int):
+    where = f"input '{key}'" + ("" if index is None else f" element {index}")
+    raise ServingError(INVALID_ARGUMENT, f"{where} is a {description} image of {pixels} pixels, over "
+                       f"this server's limit of {self.max_image_pixels} pixels per image (its "
+                       "--max_image_pixels)")
 
   def status(self, name: str, version: Optional[int] = None) -> dict:
     """TF Serving's GetModelStatus answer, as its REST API writes it."""
@@ -494,19 +558,60 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
     return response
 
 
-def start_grpc(core: ModelServer, host: str = "0.0.0.0", port: int = 8500, num_threads: int = 8,
-               max_message_mb: int = 256) -> Tuple[grpc.Server, int]:
-  """Starts the gRPC server (port 0: any free port); returns it and the bound port."""
+def _bind_failure(kind: str, host: str, port: int, reason: str) -> ValueError:
+  return ValueError(f"Could not bind the {kind} port {host}:{port}: {reason} (another server on it? "
+                    "choose another port, or 0 for any free one)")
+
+
+def _os_bind_error(host: str, port: int) -> Optional[str]:
+  """Why the OS refuses a listening socket on host:port (None: it accepts), for a clear message
+  before gRPC tries (its own failure is a bare RuntimeError plus a C-core log line)."""
+  try:
+    addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+  except socket.gaierror as e:
+    return f"unknown host ({e.strerror})"
+  errors = []
+  for family, kind, proto, _, address in addresses:
+    with socket.socket(family, kind, proto) as probe:
+      probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC: TIME_WAIT does not count
+      try:
+        probe.bind(address)
+      except OSError as e:
+        if e.errno == errno.EADDRINUSE:
+          return e.strerror
+        errors.append(e.strerror or str(e))
+  # gRPC binds what it can of a name such as localhost (e.g. IPv4 only): fail only if nothing binds.
+  return errors[0] if len(errors) == len(addresses) else None
+
+
+def bind_grpc(host: str = DEFAULT_HOST, port: int = 8500, num_threads: int = 8,
+              max_message_mb: int = 256) -> Tuple[grpc.Server, int]:
+  """A gRPC server bound to host:port (0: any free port), not started; returns it and the port.
+
+  A port in use is a ValueError: gRPC sets SO_REUSEPORT by default, which lets a second server
+  bind the same port and take a share of the new connections.
+  """
+  reason = _os_bind_error(host, port) if port else None
+  if reason:
+    raise _bind_failure("gRPC", host, port, reason)
   limit = max_message_mb * 1024 * 1024
   server = grpc.server(concurrent.futures.ThreadPoolExecutor(max_workers=num_threads, thread_name_prefix="grpc"),
                        options=[("grpc.max_send_message_length", limit),
-                                ("grpc.max_receive_message_length", limit)])
-  prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(PredictionServicer(core), server)
-  bound = server.add_insecure_port(f"{host}:{port}")
-  if bound == 0:
-    raise ValueError(f"Could not bind the gRPC port {host}:{port} (in use?)")
-  server.start()
+                                ("grpc.max_receive_message_length", limit),
+                                ("grpc.so_reuseport", 0)])
+  try:
+    bound = server.add_insecure_port(f"{host}:{port}")
+  except RuntimeError as e:  # taken between the probe and this bind, or refused by gRPC itself
+    raise _bind_failure("gRPC", host, port, str(e).split(";")[0]) from None
+  if bound == 0:  # older grpcio reports a failed bind this way
+    raise _bind_failure("gRPC", host, port, "gRPC bound no address")
   return server, bound
+
+
+def serve_grpc(server: grpc.Server, core: ModelServer) -> None:
+  """Starts a bound gRPC server on `core`."""
+  prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(PredictionServicer(core), server)
+  server.start()
 
 
 # ---- REST -----------------------------------------------------------------------------------------
@@ -562,6 +667,7 @@ def rest_predict(core: ModelServer, name: str, version: Optional[int], body: dic
     instances = body["instances"]
     if not isinstance(instances, list) or not instances:
       raise ServingError(INVALID_ARGUMENT, "'instances' must be a non-empty list")
+    core.check_batch_size(len(instances))  # before converting them
     named = all(isinstance(i, dict) and set(i) != {"b64"} for i in instances)
     if not named and len(names) != 1:
       raise ServingError(INVALID_ARGUMENT, f"signature '{signature.name}' has inputs {names}: each "
@@ -621,24 +727,123 @@ def _parse_model_path(path: str):
   return name, version, verb
 
 
-def make_rest_handler(core: ModelServer):
+class _UnreadBody(ServingError):
+  """A refused request whose body was not (fully) read: the connection closes after the answer."""
+
+  def __init__(self, code: grpc.StatusCode, message: str, remaining: Optional[int] = None):
+    super().__init__(code, message)
+    self.remaining = remaining  # bytes still to come, when known (Content-Length)
+
+
+_MAX_CHUNK_LINE = 1024  # a chunk-size line: hex digits and optional extensions
+
+
+def _body_limit_bytes(max_body_mb: float) -> int:
+  if not max_body_mb > 0:
+    raise ValueError(f"max_body_mb must be > 0, got {max_body_mb}")
+  return int(max_body_mb * 1024 * 1024)
+
+
+def make_rest_handler(core: ModelServer, max_body_mb: float = DEFAULT_MAX_BODY_MB):
+  max_body = _body_limit_bytes(max_body_mb)
+
+  def too_large(size_text: str, remaining: Optional[int] = None) -> _UnreadBody:
+    return _UnreadBody(RESOURCE_EXHAUSTED, f"the request body ({size_text}) is over this server's limit "
+                       f"of {max_body} bytes (its --max_body_mb={max_body_mb:g}): send fewer or smaller "
+                       "images per request", remaining)
+
   class Handler(http_server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "tf_mtssl-serving"
+    timeout = REST_SOCKET_TIMEOUT_S
 
     def log_message(self, fmt, *args):  # route access logs to logging (quiet by default)
       log.debug("REST %s " + fmt, self.address_string(), *args)
 
-    def _send(self, status: int, payload: dict):
+    def _send(self, status: int, payload: dict, close: bool = False):
       data = json.dumps(payload).encode()
       self.send_response(status)
       self.send_header("Content-Type", "application/json")
       self.send_header("Content-Length", str(len(data)))
+      if close:
+        self.send_header("Connection", "close")
+        self.close_connection = True
       self.end_headers()
       self.wfile.write(data)
 
+    def _content_length(self) -> Optional[int]:
+      """The declared body length; None for a chunked body."""
+      encoding = self.headers.get("Transfer-Encoding", "").strip().lower()
+      if encoding:
+        if encoding != "chunked":
+          raise _UnreadBody(INVALID_ARGUMENT, f"Transfer-Encoding {encoding!r} is not supported (only "
+                            "chunked, or a Content-Length)")
+        return None
+      text = self.headers.get("Content-Length") or "0"
+      if not text.strip().isdigit():
+        raise _UnreadBody(INVALID_ARGUMENT, f"Content-Length {text!r} is not a byte count")
+      length = int(text)
+      if length > max_body:
+        raise too_large(f"{length} bytes", remaining=length)
+      return length
+
+    def _read_chunked(self) -> bytes:
+      parts, total = [], 0
+      while True:
+        line = self.rfile.readline(_MAX_CHUNK_LINE)
+        try:
+          size = int(line.split(b";")[0].strip(), 16)
+        except ValueError:
+          raise _UnreadBody(INVALID_ARGUMENT, f"malformed chunk size line {line[:40]!r} in a chunked "
+                            "body") from None
+        if size == 0:
+          while self.rfile.readline(_MAX_CHUNK_LINE) not in (b"\r\n", b"\n", b""):  # trailers
+            pass
+          return b"".join(parts)
+        total += size
+        if total > max_body:
+          raise too_large("chunked")
+        data = self.rfile.read(size)
+        if len(data) < size or self.rfile.readline(_MAX_CHUNK_LINE) not in (b"\r\n", b"\n"):
+          raise _UnreadBody(INVALID_ARGUMENT, "the chunked body ended early or is malformed")
+        parts.append(data)
+
+    def _read_body(self) -> bytes:
+      length = self._content_length()
+      if length is None:
+        return self._read_chunked()
+      data = self.rfile.read(length)
+      if len(data) < length:
+        raise _UnreadBody(INVALID_ARGUMENT, f"the body ended after {len(data)} of its {length} bytes")
+      return data
+
+    def _drain(self, remaining: Optional[int]):
+      """Reads and drops what the client still sends (up to `remaining` bytes or REST_DRAIN_S), so
+      that it reads the answer already sent rather than a reset connection."""
+      deadline = time.monotonic() + REST_DRAIN_S
+      try:
+        self.connection.settimeout(REST_DRAIN_S)
+        while (remaining is None or remaining > 0) and time.monotonic() < deadline:
+          data = self.rfile.read1(65536 if remaining is None else min(65536, remaining))
+          if not data:
+            return
+          if remaining is not None:
+            remaining -= len(data)
+      except OSError:  # timed out or reset: the connection closes either way
+        pass
+
+    def handle_expect_100(self):
+      """`Expect: 100-continue` (curl, for large bodies): refuse an oversized body before it is sent."""
+      try:
+        self._content_length()
+      except _UnreadBody as e:
+        self._send(e.http_status, {"error": e.message}, close=True)
+        return False
+      return super().handle_expect_100()
+
     def _handle(self, method: str):
       try:
+        data = self._read_body()  # first, whatever the answer: keeps the connection in step
         parsed = _parse_model_path(self.path.split("?")[0])
         if parsed is None:
           raise ServingError(NOT_FOUND, f"no such endpoint: {method} {self.path} (try POST "
@@ -653,15 +858,19 @@ def make_rest_handler(core: ModelServer):
                                   "metadata": {SIGNATURE_DEF_FIELD: json_format.MessageToDict(
                                       model.signature_defs)}})
         if method == "POST" and verb == "predict":
-          length = int(self.headers.get("Content-Length") or 0)
           try:
-            body = json.loads(self.rfile.read(length) or b"null")
+            body = json.loads(data or b"null")
           except ValueError as e:
             raise ServingError(INVALID_ARGUMENT, f"the request body is not valid JSON: {e}") from None
           return self._send(200, rest_predict(core, name, version, body))
         raise ServingError(NOT_FOUND, f"no such endpoint: {method} {self.path}")
+      except _UnreadBody as e:
+        self._send(e.http_status, {"error": e.message}, close=True)
+        self._drain(e.remaining)
       except ServingError as e:
         self._send(e.http_status, {"error": e.message})
+      except TimeoutError:
+        self.close_connection = True  # the client went silent mid-request; nothing to answer
       except Exception as e:  # noqa: BLE001 - the server keeps serving
         log.exception("Internal error")
         self._send(500, {"error": f"internal error: {type(e).__name__}: {e}"})
@@ -675,12 +884,21 @@ def make_rest_handler(core: ModelServer):
   return Handler
 
 
-def start_rest(core: ModelServer, host: str = "0.0.0.0", port: int = 8501):
-  """Starts the REST server in a thread; returns it and the bound port."""
-  httpd = http_server.ThreadingHTTPServer((host, port), make_rest_handler(core))
+def bind_rest(host: str = DEFAULT_HOST, port: int = 8501) -> Tuple[http_server.ThreadingHTTPServer, int]:
+  """A REST server bound to host:port (0: any free port), not yet serving; returns it and the port."""
+  try:
+    httpd = http_server.ThreadingHTTPServer((host, port), None)  # the handler comes with the model
+  except OSError as e:
+    raise _bind_failure("REST", host, port, e.strerror or str(e)) from None
   httpd.daemon_threads = True
-  threading.Thread(target=httpd.serve_forever, name="rest", daemon=True).start()
   return httpd, httpd.server_address[1]
+
+
+def serve_rest(httpd: http_server.ThreadingHTTPServer, core: ModelServer,
+               max_body_mb: float = DEFAULT_MAX_BODY_MB) -> None:
+  """Serves a bound REST server on `core` from a thread."""
+  httpd.RequestHandlerClass = make_rest_handler(core, max_body_mb)
+  threading.Thread(target=httpd.serve_forever, name="rest", daemon=True).start()
 
 
 class Servers:
@@ -698,24 +916,28 @@ class Servers:
     self.core.close()
 
 
-def start(export_dir: str, port: int = 8500, rest_port: Optional[int] = None, host: str = "0.0.0.0",
+def start(export_dir: str, port: int = 8500, rest_port: Optional[int] = None, host: str = DEFAULT_HOST,
           model_name: str = "tf_mtssl", num_threads: int = 8, max_message_mb: int = 256,
-          **core_kwargs) -> Servers:
-  """Loads the newest version and starts gRPC (and REST when rest_port is not None; 0 = any port)."""
-  core = ModelServer(export_dir, model_name=model_name, **core_kwargs)
+          max_body_mb: float = DEFAULT_MAX_BODY_MB, **core_kwargs) -> Servers:
+  """Binds gRPC (and REST when rest_port is not None; 0 = any port), loads the newest version, then
+  serves. Binding comes first so that a port in use fails before a slow model load."""
+  _body_limit_bytes(max_body_mb)  # bad flags fail before anything is bound or loaded
+  grpc_server, grpc_port = bind_grpc(host, port, num_threads, max_message_mb)
+  rest_server = bound_rest = core = None
   try:
-    grpc_server, grpc_port = start_grpc(core, host, port, num_threads, max_message_mb)
-  except Exception:
-    core.close()
-    raise
-  rest_server = bound_rest = None
-  if rest_port is not None:
-    try:
-      rest_server, bound_rest = start_rest(core, host, rest_port)
-    except OSError as e:
-      grpc_server.stop(0)
+    if rest_port is not None:
+      rest_server, bound_rest = bind_rest(host, rest_port)
+    core = ModelServer(export_dir, model_name=model_name, **core_kwargs)
+    serve_grpc(grpc_server, core)
+    if rest_server is not None:
+      serve_rest(rest_server, core, max_body_mb)
+  except BaseException:
+    grpc_server.stop(0)
+    if rest_server is not None:
+      rest_server.server_close()
+    if core is not None:
       core.close()
-      raise ValueError(f"Could not bind the REST port {host}:{rest_port}: {e}") from None
+    raise
   return Servers(core, grpc_server, grpc_port, rest_server, bound_rest)
 
 
@@ -741,32 +963,92 @@ def predict_request(images: Sequence[bytes], model_name: str = "tf_mtssl",
   return request
 
 
+# A request refused for what it holds (a bad or oversized image): the client skips that image.
+_IMAGE_ERRORS = (INVALID_ARGUMENT, RESOURCE_EXHAUSTED)
+
+
+class FileFeatures(NamedTuple):
+  outputs: Dict[str, np.ndarray]  # each output stacked in `paths` order
+  paths: List[str]  # the images the rows belong to
+  skipped: List[Tuple[str, str]]  # (image, why) of the images that were not processed
+
+
 def features_of_files(server: str, paths: Sequence[str], model_name: str = "tf_mtssl",
                       signature_name: str = export_lib.SERVING_DEFAULT, outputs: Sequence[str] = (),
                       batch_size: int = 16, timeout: float = 120.0,
-                      max_message_mb: int = 256) -> Dict[str, np.ndarray]:
-  """Sends image files in requests of batch_size; returns each output stacked in `paths` order."""
+                      max_message_mb: int = 256) -> FileFeatures:
+  """Sends image files in requests of batch_size. A file that cannot be read, or an image the
+  server refuses (its batch is then sent again image by image), is skipped with the reason; any
+  other server error (unreachable, unknown model) raises grpc.RpcError."""
   stub = make_stub(server, max_message_mb)
   parts: Dict[str, List[np.ndarray]] = collections.defaultdict(list)
-  for start in range(0, len(paths), batch_size):
-    images = []
-    for path in paths[start:start + batch_size]:
-      with open(path, "rb") as f:
-        images.append(f.read())
-    response = stub.Predict(predict_request(images, model_name, signature_name, outputs), timeout=timeout)
+  kept, skipped = [], []
+
+  def send(batch: List[Tuple[str, bytes]]):
+    response = stub.Predict(predict_request([data for _, data in batch], model_name, signature_name,
+                                            outputs), timeout=timeout)
     for key, proto in response.outputs.items():
       parts[key].append(tf.make_ndarray(proto))
-  return {k: np.concatenate(v) for k, v in parts.items()}
+    kept.extend(path for path, _ in batch)
+
+  for start in range(0, len(paths), batch_size):
+    batch = []
+    for path in paths[start:start + batch_size]:
+      try:
+        with open(path, "rb") as f:
+          batch.append((path, f.read()))
+      except OSError as e:
+        skipped.append((path, e.strerror or str(e)))
+    if not batch:
+      continue
+    try:
+      send(batch)
+    except grpc.RpcError as error:
+      if error.code() not in _IMAGE_ERRORS:
+        raise
+      if len(batch) == 1:
+        skipped.append((batch[0][0], error.details()))
+        continue
+      for item in batch:  # find the refused image(s)
+        try:
+          send([item])
+        except grpc.RpcError as e:
+          if e.code() not in _IMAGE_ERRORS:
+            raise
+          skipped.append((item[0], e.details()))
+  order = {path: i for i, path in reversed(list(enumerate(paths)))}
+  skipped.sort(key=lambda item: order[item[0]])  # unreadable files were noted before refused images
+  return FileFeatures({k: np.concatenate(v) for k, v in parts.items()}, kept, skipped)
 
 
-def save_outputs(outputs: Dict[str, np.ndarray], paths: Sequence[str], output_dir: str) -> Dict[str, str]:
-  """Writes <output>.npy per output and images.txt (the row order); returns their paths."""
+IMAGES_FILE = "images.txt"
+
+
+def earlier_outputs(output_dir: str, overwrite: bool = False) -> List[str]:
+  """The files of an earlier save_outputs in output_dir (images.txt and *.npy), sorted; without
+  `overwrite`, any such file is a ValueError (so no earlier output sits beside new rows)."""
+  earlier = sorted(n for n in os.listdir(output_dir) if n == IMAGES_FILE or n.endswith(".npy")) \
+      if os.path.isdir(output_dir) else []
+  if earlier and not overwrite:
+    raise ValueError(f"--output_dir={output_dir} already holds an earlier output ({', '.join(earlier)}): "
+                     "choose another folder, or pass --overwrite to replace it")
+  return earlier
+
+
+def save_outputs(outputs: Dict[str, np.ndarray], paths: Sequence[str], output_dir: str,
+                 overwrite: bool = False) -> Dict[str, str]:
+  """Writes <output>.npy per output and images.txt (the row order); returns their paths.
+
+  An earlier save in output_dir is refused (ValueError), or with `overwrite` removed first.
+  """
+  for name in earlier_outputs(output_dir, overwrite):
+    os.remove(os.path.join(output_dir, name))
   os.makedirs(output_dir, exist_ok=True)
   files = {}
   for key, value in outputs.items():
     files[key] = os.path.join(output_dir, f"{key}.npy")
     np.save(files[key], value)
-  files["images"] = os.path.join(output_dir, "images.txt")
+  files["images"] = os.path.join(output_dir, IMAGES_FILE)
   with open(files["images"], "w") as f:
     f.write("".join(f"{os.path.abspath(p)}\n" for p in paths))
   return files

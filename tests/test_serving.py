@@ -2,25 +2,31 @@
 
 import base64
 import concurrent.futures
+import http.client
+import io
+import ipaddress
 import json
 import os
 import queue
 import re
 import signal
+import struct
 import subprocess
 import sys
 import threading
 import time
 import urllib.error
 import urllib.request
+import zlib
 
 import grpc
 import numpy as np
+import psutil
 import pytest
 import tensorflow as tf
 from tensorflow_serving.apis import get_model_metadata_pb2, predict_pb2
 
-from export import server_lib
+from export import image_headers, server_lib
 from tests import helpers
 from tf_mtssl import export_lib
 from tf_mtssl import trunk as trunk_lib
@@ -28,6 +34,9 @@ from tf_mtssl import trunk as trunk_lib
 IMAGE_SIZE = 64
 START_TIMEOUT_S = 240
 ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "CUDA_VISIBLE_DEVICES": ""}
+# The module's server runs with small limits so that tests can cross them cheaply.
+SERVER_LIMITS = dict(max_body_mb=1, max_instances=8, max_image_pixels=250_000)
+README_IMAGE = "data/embedded/images/opencv_baboon.jpg"  # the README's example image (180 KB)
 
 
 def _jpeg(seed: int, h: int = 80, w: int = 72) -> bytes:
@@ -43,7 +52,7 @@ class _Server:
   def __init__(self, export_dir: str):
     self.proc = subprocess.Popen(
         [sys.executable, "-m", "export.serve", f"--export_dir={export_dir}", "--port=0", "--rest_port=0",
-         "--host=127.0.0.1", "--poll_seconds=1",
+         "--poll_seconds=1", *(f"--{k}={v}" for k, v in SERVER_LIMITS.items()),  # --host: its default
          "--batching=on"],  # the merging path with the real model (auto turns it off on a CPU)
         cwd=helpers.REPO_ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     self.lines: "queue.Queue[str]" = queue.Queue()
@@ -97,6 +106,11 @@ def server(export_dir):
     yield srv
   finally:
     srv.stop()
+
+
+@pytest.fixture(scope="module")
+def huge_png():
+  return _black_png(8000, 8000)
 
 
 @pytest.fixture(scope="module")
@@ -248,6 +262,219 @@ def test_client_binary_writes_npy_features(server, tmp_path):
   assert np.load(tmp_path / "out" / "features.npy").shape == (3, 128)
   assert np.load(tmp_path / "out" / "grid.npy").shape == (3, 3, 3, 128)
   assert open(tmp_path / "out" / "images.txt").read().split() == paths
+
+
+# ---- limits, ports and the documented commands (issue 15, items 8-11) ------------------------------
+def _png_claiming(height: int, width: int, idat: bytes) -> bytes:
+  """A PNG whose IHDR states height x width (RGB, 8 bit) around the given IDAT payload."""
+  def chunk(tag, data):
+    return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
+  return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)) +
+          chunk(b"IDAT", idat) + chunk(b"IEND", b""))
+
+
+def _black_png(height: int, width: int) -> bytes:
+  """A real, valid PNG of height x width black pixels, compressed row by row (8000x8000: ~190 KB)."""
+  compressor = zlib.compressobj(9)
+  row = b"\x00" * (1 + 3 * width)  # filter byte + RGB
+  idat = b"".join(compressor.compress(row) for _ in range(height)) + compressor.flush()
+  return _png_claiming(height, width, idat)
+
+
+def _jpeg_claiming(height: int, width: int) -> bytes:
+  """A small real JPEG whose baseline frame header (SOF0) is rewritten to state height x width."""
+  data = bytearray(_jpeg(6))
+  sof = data.index(b"\xff\xc0")
+  data[sof + 5:sof + 9] = struct.pack(">HH", height, width)
+  return bytes(data)
+
+
+def _peak_rss_mb(pid: int) -> float:
+  """The process's peak resident memory (Linux VmHWM), in MiB."""
+  return float(re.search(r"VmHWM:\s+(\d+) kB", open(f"/proc/{pid}/status").read()).group(1)) / 1024
+
+
+def _b64_instances(images):
+  return {"instances": [{"b64": base64.b64encode(im).decode()} for im in images]}
+
+
+def test_the_server_listens_on_loopback_only_by_default(server):
+  listening = [c for c in psutil.Process(server.proc.pid).net_connections(kind="inet")
+               if c.status == psutil.CONN_LISTEN]
+  ports = {c.laddr.port for c in listening}
+  assert {server.grpc_port, server.rest_port} <= ports, listening
+  for c in listening:
+    address = ipaddress.ip_address(c.laddr.ip.split("%")[0])
+    address = getattr(address, "ipv4_mapped", None) or address
+    assert address.is_loopback, f"listening on {c.laddr.ip}:{c.laddr.port} without --host"
+  assert "listening on 127.0.0.1 port" in "".join(server.output)
+
+
+def test_a_second_server_on_the_same_grpc_port_fails_with_one_line(server, export_dir, stub):
+  proc = subprocess.run([sys.executable, "-m", "export.serve", f"--export_dir={export_dir}",
+                         f"--port={server.grpc_port}", "--poll_seconds=0"],
+                        cwd=helpers.REPO_ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 2, (proc.stdout[-2000:], proc.stderr[-2000:])
+  last = proc.stderr.strip().splitlines()[-1]
+  assert last.startswith(f"Error: Could not bind the gRPC port 127.0.0.1:{server.grpc_port}"), proc.stderr
+  assert "in use" in last and "listening" not in proc.stdout
+  for _ in range(4):  # fresh channels still reach the one server
+    fresh = server_lib.make_stub(f"127.0.0.1:{server.grpc_port}")
+    assert fresh.Predict(server_lib.predict_request([_jpeg(7)]), timeout=60).model_spec.version.value == 1
+
+
+def test_rest_body_over_the_limit_is_413_and_the_server_keeps_serving(server, reference):
+  too_big = {"instances": [{"b64": base64.b64encode(b"\x00" * (SERVER_LIMITS["max_body_mb"] << 20)).decode()}]}
+  status, body = _rest(server, "/v1/models/tf_mtssl:predict", too_big)
+  assert status == 413 and "max_body_mb" in body["error"], body
+  connection = http.client.HTTPConnection("127.0.0.1", server.rest_port, timeout=60)
+  payload = json.dumps(too_big).encode()
+  connection.request("POST", "/v1/models/tf_mtssl:predict",
+                     body=(payload[i:i + 65536] for i in range(0, len(payload), 65536)),
+                     headers={"Transfer-Encoding": "chunked"}, encode_chunked=True)
+  response = connection.getresponse()
+  assert response.status == 413 and "max_body_mb" in json.loads(response.read())["error"]
+  connection.close()
+  image = _jpeg(8)
+  status, body = _rest(server, "/v1/models/tf_mtssl:predict", _b64_instances([image]))
+  assert status == 200
+  np.testing.assert_allclose(body["predictions"][0]["features"],
+                             reference(image_bytes=tf.constant([image]))["features"][0], rtol=1e-4, atol=1e-5)
+
+
+def test_a_chunked_rest_body_is_accepted(server, reference):
+  images = [_jpeg(9), _jpeg(10)]
+  payload = json.dumps(_b64_instances(images)).encode()
+  connection = http.client.HTTPConnection("127.0.0.1", server.rest_port, timeout=60)
+  for _ in range(2):  # the same connection serves a second request after a chunked one
+    connection.request("POST", "/v1/models/tf_mtssl:predict",
+                       body=(payload[i:i + 1000] for i in range(0, len(payload), 1000)),
+                       headers={"Content-Type": "application/json"}, encode_chunked=True)
+    response = connection.getresponse()
+    body = json.loads(response.read())
+    assert response.status == 200, body
+    np.testing.assert_allclose([p["features"] for p in body["predictions"]],
+                               reference(image_bytes=tf.constant(images))["features"], rtol=1e-4, atol=1e-5)
+  connection.close()
+
+
+def test_a_batch_over_the_limit_is_refused_on_both_protocols(server, stub):
+  images = [_jpeg(30 + i) for i in range(SERVER_LIMITS["max_instances"] + 1)]
+  status, body = _rest(server, "/v1/models/tf_mtssl:predict", _b64_instances(images))
+  assert status == 400 and f"{len(images)} examples" in body["error"] and "max_instances" in body["error"]
+  error = _rpc_error(stub.Predict, server_lib.predict_request(images))
+  assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "max_instances" in error.details()
+  full = stub.Predict(server_lib.predict_request(images[:-1], outputs=["features"]), timeout=60)
+  assert tf.make_ndarray(full.outputs["features"]).shape[0] == SERVER_LIMITS["max_instances"]
+
+
+def test_an_empty_grpc_batch_is_a_clear_invalid_argument(stub):
+  error = _rpc_error(stub.Predict, server_lib.predict_request([]))
+  assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+  assert "no examples" in error.details() and "Incompatible shapes" not in error.details()
+
+
+def test_image_pixels_are_checked_from_the_header_before_decoding(server, stub, huge_png):
+  side = int(SERVER_LIMITS["max_image_pixels"] ** 0.5) + 1
+  before = _peak_rss_mb(server.proc.pid)
+  for image in (huge_png, _black_png(side, side)):
+    status, body = _rest(server, "/v1/models/tf_mtssl:predict", _b64_instances([_jpeg(11), image]))
+    assert status == 400 and "element 1" in body["error"] and "max_image_pixels" in body["error"], body
+  # Headers that claim a huge image over unreadable data: refused for the size, not for the data,
+  # so nothing was decoded.
+  for image, dims in ((_jpeg_claiming(8000, 8000), "8000x8000"), (_png_claiming(8000, 8000, b"junk"), "8000x8000")):
+    error = _rpc_error(stub.Predict, server_lib.predict_request([image]))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and dims in error.details(), error.details()
+    assert "could not be decoded" not in error.details()
+  assert _peak_rss_mb(server.proc.pid) - before < 100  # decoding 8000x8000 RGB alone takes 183 MB
+  tensor = predict_pb2.PredictRequest()
+  tensor.model_spec.name, tensor.model_spec.signature_name = "tf_mtssl", "image_tensor"
+  tensor.inputs["images"].CopyFrom(tf.make_tensor_proto(np.zeros([1, side, side, 3], np.float32)))
+  error = _rpc_error(stub.Predict, tensor)
+  assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "max_image_pixels" in error.details()
+  ok = stub.Predict(server_lib.predict_request([_jpeg(12)]), timeout=60)
+  assert tf.make_ndarray(ok.outputs["features"]).shape[0] == 1
+
+
+def test_default_limits_refuse_a_small_png_that_decodes_to_8000x8000(export_dir, huge_png):
+  assert len(huge_png) < 200_000
+  core = server_lib.ModelServer(export_dir, poll_seconds=0, warm_up=False)
+  try:
+    with pytest.raises(server_lib.ServingError, match="8000x8000") as info:
+      core.predict("tf_mtssl", None, "", {"image_bytes": np.array([huge_png], dtype=object)})
+    assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT
+  finally:
+    core.close()
+
+
+def test_image_header_sizes_match_what_decoding_gives():
+  from PIL import Image
+  rng = np.random.default_rng(14)
+  frames = [Image.fromarray(rng.integers(0, 256, size=(37, 53, 3), dtype=np.uint8)) for _ in range(3)]
+  encoded = {}
+  for name, fmt, options in (("JPEG", "JPEG", {}), ("progressive JPEG", "JPEG", {"progressive": True}),
+                             ("PNG", "PNG", {}), ("GIF", "GIF", {}), ("BMP", "BMP", {}),
+                             ("lossy WebP", "WEBP", {"lossless": False}), ("lossless WebP", "WEBP", {"lossless": True}),
+                             ("extended WebP", "WEBP", {"exif": b"Exif\x00\x00tag"})):
+    buffer = io.BytesIO()
+    frames[0].save(buffer, fmt, **options)
+    encoded[name] = buffer.getvalue()
+  for name, data in encoded.items():
+    decoded = tf.io.decode_image(data, channels=3, expand_animations=False).shape
+    size = image_headers.decoded_size(data)
+    assert size.pixels == decoded[0] * decoded[1] == 37 * 53 and "53x37" in size.description, name
+  for fmt in ("GIF", "WEBP"):  # animations: every frame is decoded, so every frame counts
+    buffer = io.BytesIO()
+    frames[0].save(buffer, fmt, save_all=True, append_images=frames[1:], duration=100, loop=0)
+    size = image_headers.decoded_size(buffer.getvalue())
+    assert size.pixels == 3 * 37 * 53 and "(3 frames)" in size.description, fmt
+  for data in (b"not an image", b"\x89PNG\r\n\x1a\n", encoded["PNG"][:20], encoded["JPEG"][:30]):
+    assert image_headers.decoded_size(data) is None  # decoding then fails, allocating nothing
+  with pytest.raises(ValueError, match="JPEG XL"):
+    image_headers.decoded_size(b"\xff\x0a" + b"\x00" * 16)
+
+
+def test_the_readme_request_file_command_serves_an_image_over_96_kb(server, tmp_path, reference):
+  """The README's curl lines, run as written, for an image whose base64 would not fit in argv."""
+  rng = np.random.default_rng(13)
+  image = tf.io.encode_jpeg(rng.integers(0, 256, size=(320, 320, 3), dtype=np.uint8), quality=98).numpy()
+  assert len(image) > 130 * 1024  # base64 over 128 KiB: the old `curl -d "...$(base64 img)..."` fails
+  (tmp_path / "big.jpg").write_bytes(image)
+  blocks = re.findall(r"^```bash\n(.*?)^```", (helpers.REPO_ROOT / "README.md").read_text(), re.M | re.S)
+  lines = [line for block in blocks for line in block.splitlines() if "request.json" in line]
+  assert len(lines) == 2, lines  # builds request.json, then POSTs it
+  script = "\n".join(lines).replace(README_IMAGE, "big.jpg").replace("localhost:8501", f"127.0.0.1:{server.rest_port}")
+  proc = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=tmp_path, capture_output=True,
+                        timeout=120)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  body = json.loads(proc.stdout)
+  np.testing.assert_allclose(body["predictions"][0]["features"],
+                             reference(image_bytes=tf.constant([image]))["features"][0], rtol=1e-4, atol=1e-5)
+
+
+def test_client_skips_a_bad_image_and_never_mixes_with_an_earlier_output(server, tmp_path):
+  paths = [str(tmp_path / name) for name in ("a.jpg", "broken.jpg", "b.jpg", "missing.jpg")]
+  for path, data in zip(paths[:3], (_jpeg(40), b"truncated \xff\xd8 nonsense", _jpeg(41))):
+    with open(path, "wb") as f:
+      f.write(data)
+  out = tmp_path / "out"
+  out.mkdir()
+  (out / "block3.npy").write_bytes(b"an earlier run's output")
+  (out / "images.txt").write_text("earlier.jpg\n")
+  command = [sys.executable, "-m", "export.client", f"--server=127.0.0.1:{server.grpc_port}",
+             f"--output_dir={out}", "--batch_size=4", "--outputs=features", *paths]
+  refused = subprocess.run(command, cwd=helpers.REPO_ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+  assert refused.returncode == 2 and "--overwrite" in refused.stderr.strip().splitlines()[-1], refused.stderr
+  assert (out / "block3.npy").read_bytes() == b"an earlier run's output"
+  proc = subprocess.run(command + ["--overwrite"], cwd=helpers.REPO_ROOT, env=ENV, capture_output=True,
+                        text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert re.search(r"skipped .*broken\.jpg: .*could not be decoded", proc.stderr), proc.stderr
+  assert re.search(r"skipped .*missing\.jpg: ", proc.stderr), proc.stderr
+  assert "features: shape [2, 128]" in proc.stdout
+  assert open(out / "images.txt").read().split() == [paths[0], paths[2]]
+  assert np.load(out / "features.npy").shape == (2, 128)
+  assert not (out / "block3.npy").exists()  # the earlier run's output does not sit beside the new rows
 
 
 def test_a_newer_version_is_served_once_exported(server, export_dir, stub):
