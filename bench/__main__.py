@@ -27,6 +27,7 @@ BENCHMARKS = {
     "trunk_step": "bench.trunk_step",
     "mixed_precision": "bench.mixed_precision",
     "multitask_step": "bench.multitask_step",
+    "steps_per_loop": "bench.steps_per_loop",
     "input_pipeline": "bench.input_pipeline",
     "colorization_encoding": "bench.colorization_encoding",
     "memory": "bench.memory",

@@ -248,8 +248,7 @@ def fixed_step(trainer, batches: dict) -> Callable[[], object]:
   import tensorflow as tf
   iterators = {n: iter(trainer.strategy.experimental_distribute_dataset(
       tf.data.Dataset.from_tensors(batches[n]).repeat())) for n in trainer.tasks}
-  step = trainer._train_step(False)  # noqa: SLF001 - the very step the training loop runs
-  return lambda: step(iterators)[0]
+  return lambda: trainer.run_steps(iterators).metrics  # the very step the training loop runs
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -25,9 +25,8 @@ SETTINGS = {True: dict(warmup=2, repeats=2, rounds=3),
 
 def live_step(trainer):
   """The training loop's step: each call pulls the next batch of every task's pipeline."""
-  iterators = {n: iter(ds) for n, ds in trainer._distributed_datasets(0).items()}  # noqa: SLF001
-  step = trainer._train_step(False)  # noqa: SLF001
-  return lambda: step(iterators)[0]
+  iterators = trainer.make_iterators(0)
+  return lambda: trainer.run_steps(iterators).metrics
 
 
 def run(quick: bool = False):

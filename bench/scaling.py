@@ -56,8 +56,11 @@ def _measure(config: str, quick: bool, data: str) -> Dict[str, float]:
       tempfile.mkdtemp(prefix="scaling_"), {"rp": RelativePositionTask(RelativePositionOptions(**s["rp"]))},
       s["trunk"], train.TrainConfig(train_steps=1, batch_size=batch, learning_rate=1e-3, warmup_steps=1,
                                     progress_bar=False), {"rp": data}, strategy=strategy)
-  iterators = {n: iter(ds) for n, ds in trainer._distributed_datasets(0).items()}  # noqa: SLF001
-  step = trainer._train_step(False)
+  iterators = trainer.make_iterators(0)
+
+  def step(iterators):
+    return (trainer.run_steps(iterators).metrics,)
+
   start = time.perf_counter()
   float(step(iterators)[0]["rp"]["loss"])
   first_step_s = time.perf_counter() - start

@@ -203,8 +203,7 @@ def _mirrored_two_cpus_check(model_dir: str, data: str) -> None:
 
   model_vars = trainer.model.trunk.weights + trainer.model.heads["rp"].weights
   before = [copies(v)[0].copy() for v in trainer.model.trunk.trainable_weights]
-  iterators = {n: iter(ds) for n, ds in trainer._distributed_datasets(seed=0).items()}
-  metrics, _, _ = trainer._train_step(False)(iterators)
+  metrics = trainer.run_steps(trainer.make_iterators(seed=0)).metrics
   assert np.isfinite(metrics["rp"]["loss"].numpy())
   moving = [v for v in model_vars if "moving_mean" in v.path]
   assert any(not np.array_equal(*copies(v)) for v in moving), "replicas saw the same batch: test is void"
@@ -284,8 +283,7 @@ def test_two_workers_resume_keep_identical_weights_and_match_one_process_on_the_
                             smoke_config(train_steps=steps, batch_size=4), {"rp": data})
   reference.checkpoint.read(os.path.join(run, "ckpt-1")).assert_existing_objects_matched().expect_partial()
   iterators = doubled_batches(reference, data, 2, seed=reference.data_seed(1))
-  step = reference._train_step(False)
-  expected = [float(step(iterators)[0]["rp"]["loss"]) for _ in range(1, steps)]
+  expected = [float(reference.run_steps(iterators).metrics["rp"]["loss"]) for _ in range(1, steps)]
   logged = scalars(run, "rp/loss")
   np.testing.assert_allclose([logged[s] for s in range(2, steps + 1)], expected, rtol=1e-4)
   # Weights agree up to rounding, except those whose true gradient is 0: the biases that reach the loss

@@ -27,8 +27,7 @@ def losses_after(tmp_path, photos, precision, steps=2):
   batches = {n: next(iter(t.build_dataset(photos, 2, seed=0))) for n, t in trainer.tasks.items()}
   import tensorflow as tf
   iterators = {n: iter(tf.data.Dataset.from_tensors(b).repeat()) for n, b in batches.items()}
-  step = trainer._train_step(False)
-  return trainer, [{n: r["loss"] for n, r in step(iterators)[0].items()} for _ in range(steps)]
+  return trainer, [{n: r["loss"] for n, r in trainer.run_steps(iterators).metrics.items()} for _ in range(steps)]
 
 
 @pytest.fixture(scope="module")

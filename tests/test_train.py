@@ -39,8 +39,7 @@ def fixed_iterators(trainer, seed=0):
 def test_multi_task_loss_falls_when_overfitting_one_batch(tmp_path, photos):
   trainer = make_trainer(tmp_path / "run", photos, tasks=MULTI_TASKS, learning_rate=1e-3)
   iterators = fixed_iterators(trainer)
-  step = trainer._train_step(with_cosines=False)
-  losses = [{n: float(r["loss"]) for n, r in step(iterators)[0].items()} for _ in range(30)]
+  losses = [{n: float(r["loss"]) for n, r in trainer.run_steps(iterators).metrics.items()} for _ in range(30)]
   for name in MULTI_TASKS:
     curve = np.array([l[name] for l in losses])
     assert np.isfinite(curve).all()
@@ -116,16 +115,17 @@ def test_restore_trunk_by_name_from_a_run(tmp_path, photos):
 
 
 class _NaNAfter(type(helpers.tiny_task("rp"))):
-  """rp whose loss becomes NaN from the 4th call of the traced step on."""
+  """rp whose loss becomes NaN from its `first_bad_call`-th computation on (4th by default)."""
 
-  def __init__(self, *args, **kwargs):
+  def __init__(self, *args, first_bad_call=4, **kwargs):
     super().__init__(*args, **kwargs)
     self.calls = tf.Variable(0, trainable=False)
+    self.first_bad_call = first_bad_call
 
   def loss_and_metrics(self, batch, predictions):
     loss, metrics = super().loss_and_metrics(batch, predictions)
     self.calls.assign_add(1)
-    return tf.where(self.calls > 3, tf.constant(np.nan, tf.float32), loss), metrics
+    return tf.where(self.calls >= self.first_bad_call, tf.constant(np.nan, tf.float32), loss), metrics
 
 
 def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, photos):
@@ -140,3 +140,61 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, pho
   assert tf.train.latest_checkpoint(str(run)).endswith("ckpt-2")
   trunk = checkpoints.restore_trunk(str(run))
   assert all(np.isfinite(w.numpy()).all() for w in trunk.weights)
+
+
+def test_several_steps_in_one_call_equal_one_step_per_call(tmp_path, photos):
+  runs = {}
+  for name, calls in (("one_call", [4]), ("four_calls", [1, 1, 1, 1])):
+    trainer = make_trainer(tmp_path / name, photos)
+    iterators = fixed_iterators(trainer)
+    for n in calls:
+      out = trainer.run_steps(iterators, num_steps=n)
+      assert int(out.steps_run) == n and int(out.first_bad_step) == 0
+    runs[name] = (float(out.metrics["rp"]["loss"]), [v.numpy() for v in trainer.model.trunk.weights],
+                  int(trainer.step.numpy()))
+  (loss_a, weights_a, step_a), (loss_b, weights_b, step_b) = runs["one_call"], runs["four_calls"]
+  assert step_a == step_b == 4
+  np.testing.assert_allclose(loss_a, loss_b, rtol=1e-5)
+  for a, b in zip(weights_a, weights_b):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6 * np.abs(b).max())
+
+
+def test_calls_end_where_the_host_has_work(tmp_path, photos):
+  trainer = make_trainer(tmp_path / "run", photos, train_steps=32, log_every=10, checkpoint_every=25,
+                         image_summary_every=0, grad_cosine_every=0, steps_per_loop=8)
+  ends, step = [], 0
+  while step < 32:
+    step += trainer.steps_until_host_work(step)
+    ends.append(step)
+  assert ends == [8, 10, 18, 20, 25, 30, 32]
+
+
+def test_nan_loss_inside_a_multi_step_call_stops_at_that_step(tmp_path, photos):
+  run = tmp_path / "run"
+  config = train.TrainConfig(train_steps=10, batch_size=2, learning_rate=1e-3, log_every=10, checkpoint_every=5,
+                             image_summary_every=0, grad_cosine_every=0, steps_per_loop=10, progress_bar=False)
+  base = helpers.tiny_task("rp")
+  task = _NaNAfter(options=base.options, image_size=base.image_size, first_bad_call=7)
+  trainer = train.Trainer(str(run), {"rp": task}, TINY_TRUNK, config, {"rp": photos})
+  with pytest.raises(FloatingPointError, match="Non-finite loss at step 7"):
+    trainer.train()  # calls: steps 1-5, then 6-10 (the NaN is its 2nd step)
+  assert tf.train.latest_checkpoint(str(run)).endswith("ckpt-5")
+
+
+def test_xla_compiled_steps_give_the_same_losses(tmp_path, photos):
+  losses = {}
+  for mode in ("off", "on"):
+    trainer = make_trainer(tmp_path / mode, photos, tasks=("rp", "col"), jit_compile=mode)
+    assert trainer.jit_compile == (mode == "on")
+    iterators = fixed_iterators(trainer)
+    losses[mode] = [{n: float(r["loss"]) for n, r in trainer.run_steps(iterators).metrics.items()}
+                    for _ in range(3)]
+  for off, on in zip(losses["off"], losses["on"]):
+    for name in off:
+      np.testing.assert_allclose(on[name], off[name], rtol=1e-3)
+
+
+def test_jit_compile_auto_is_off_without_a_gpu():
+  assert train.resolve_jit_compile("auto") == bool(tf.config.list_logical_devices("GPU"))
+  with pytest.raises(ValueError, match="jit_compile"):
+    train.TrainConfig(jit_compile="yes")

@@ -66,6 +66,11 @@ flags.DEFINE_boolean("progress_bar", True, "Show a progress bar.")
 flags.DEFINE_enum("mixed_precision", "none", list(train.MIXED_PRECISION_POLICIES),
                   "Keras mixed precision: bfloat16 (CPUs with AVX512-BF16, TPUs, recent GPUs) or float16 "
                   "(GPUs; adds dynamic loss scaling). Heads' logits and losses stay float32.")
+flags.DEFINE_integer("steps_per_loop", 10, "Training steps per tf.function call: the host waits for the device "
+                     "once per call (calls also end at log, checkpoint, image and cosine steps). A signal stops "
+                     "the run after the current call.")
+flags.DEFINE_enum("jit_compile", "auto", list(train.JIT_COMPILE_MODES), "XLA for every task's forward and "
+                  "backward pass: auto = on when a GPU is visible, off on CPUs (where XLA measured slower).")
 flags.DEFINE_list("profile_steps", [], "FIRST,LAST: write a TensorBoard profile of these steps (1-based) "
                   "to <model_dir>/train.")
 flag_utils.define_trunk_flags()
@@ -100,6 +105,7 @@ def _train():
       checkpoint_every=FLAGS.checkpoint_every, keep_checkpoints=FLAGS.keep_checkpoints,
       image_summary_every=FLAGS.image_summary_every, grad_cosine_every=FLAGS.grad_cosine_every,
       progress_bar=FLAGS.progress_bar, mixed_precision=FLAGS.mixed_precision,
+      steps_per_loop=FLAGS.steps_per_loop, jit_compile=FLAGS.jit_compile,
       profile_steps=flag_utils.parse_step_range(FLAGS.profile_steps, "profile_steps"))
   data = flag_utils.data_for_tasks(names, FLAGS.data,
                                    flag_utils.parse_task_assignments(FLAGS.task_data, "task_data"))

@@ -25,19 +25,27 @@ first check that all of them resumed from the same step. The input pipeline is n
 restarts at a new random position derived from (seed, restored step), so a resumed run sees a
 different but reproducible stream. SIGTERM or SIGINT stops the run after a checkpoint
 (`Trainer.preempted`; the binary exits with PREEMPTED_EXIT_CODE). Each process's signal flag enters
-the next step and is summed over workers by one all-reduce inside it, so every worker learns of a
-signal to any of them after the same step, saves there and stops: none is left waiting in a
-collective. This does what tf.distribute.experimental.PreemptionCheckpointHandler does for
+the next `run_steps` call and is summed over workers by one all-reduce inside it, so every worker
+learns of a signal to any of them after the same call, saves there and stops: none is left waiting
+in a collective.
+
+Host syncs. `run_steps` runs up to `steps_per_loop` steps in one tf.function call (a `tf.range`
+loop, as SimCLR's train_multiple_steps), with the non-finite-loss guard inside the graph; the host
+reads one scalar per call and the metrics only at log steps. Calls end where the host has work (log,
+checkpoint, image summary, cosines, profiler), by the same rule on every worker. `--jit_compile`
+compiles each replica's forward and backward pass with XLA (the optimizer's update stays outside:
+it communicates with the other replicas). This does what tf.distribute.experimental.PreemptionCheckpointHandler does for
 MultiWorkerMirroredStrategy, without its costs (TF 2.21): on every start it probes the Google Cloud
 metadata server (7 s here, offline; measured); and, as its source reads, on GCE CPU VMs it ignores
 signals altogether, on GCE GPU VMs it trains on for a one-hour grace period after the signal
 (grace_period=0 is read as "unset"), and its step counter must be restored from the same checkpoint
-on every worker. A non-finite loss stops the run with FloatingPointError before anything is saved,
-so the newest checkpoint is the last good one.
+on every worker. A non-finite loss stops the run with FloatingPointError (naming its step) before anything is
+saved, so the newest checkpoint is the last good one.
 """
 
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import itertools
 import logging
@@ -69,6 +77,36 @@ PREEMPTED_EXIT_CODE = 42
 # losses are computed in float32 (Task contract); float16 also gets dynamic loss scaling.
 MIXED_PRECISION_POLICIES = {"none": "float32", "bfloat16": "mixed_bfloat16", "float16": "mixed_float16"}
 
+# --jit_compile: XLA for each task's forward and backward pass (the optimizer's update, which talks to the
+# other replicas, stays outside). auto: on when a GPU is visible; off on CPUs, where XLA measured 15-40 %
+# slower (machine notes).
+JIT_COMPILE_MODES = ("auto", "on", "off")
+
+
+def resolve_jit_compile(mode: str) -> bool:
+  if mode not in JIT_COMPILE_MODES:
+    raise ValueError(f"jit_compile must be one of {JIT_COMPILE_MODES}, got {mode!r}")
+  if mode == "auto":
+    return bool(tf.config.list_logical_devices("GPU"))
+  return mode == "on"
+
+
+@dataclasses.dataclass
+class LoopResult:
+  """What one call of `Trainer.run_steps` returns (tensors; nothing is fetched to the host).
+
+  metrics: task -> {name: scalar} of the call's last step (means over replicas).
+  cosines: pairwise task-gradient cosines of the last step ({} unless asked for).
+  steps_run: steps run in the call.
+  first_bad_step: 1-based index within the call of the first step with a non-finite loss, 0 if none.
+  stop_votes: number of workers that had a stop signal when the call started (> 0: stop).
+  """
+  metrics: Dict[str, Dict[str, tf.Tensor]]
+  cosines: Dict[str, tf.Tensor]
+  steps_run: tf.Tensor
+  first_bad_step: tf.Tensor
+  stop_votes: tf.Tensor
+
 
 @dataclasses.dataclass
 class TrainConfig:
@@ -91,10 +129,12 @@ class TrainConfig:
   grad_cosine_every: int = 100         # 0 disables the task-gradient cosine diagnostics
   progress_bar: bool = True
   mixed_precision: str = "none"        # none | bfloat16 | float16 (Keras policy; float16 adds loss scaling)
+  steps_per_loop: int = 10             # steps per tf.function call; the host syncs once per call
+  jit_compile: str = "auto"            # auto | on | off: XLA for the forward/backward pass (auto: on GPUs)
   profile_steps: Optional[Tuple[int, int]] = None  # (first, last) step traced by the TF profiler
 
   def __post_init__(self):
-    for name in ("train_steps", "batch_size", "log_every", "checkpoint_every", "keep_checkpoints"):
+    for name in ("train_steps", "batch_size", "log_every", "checkpoint_every", "keep_checkpoints", "steps_per_loop"):
       if getattr(self, name) <= 0:
         raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
     bad = {k: v for k, v in self.task_batch_sizes.items() if v <= 0}
@@ -108,6 +148,8 @@ class TrainConfig:
 
     if self.trunk_update not in optimizer_lib.COMBINE_MODES:
       raise ValueError(f"trunk_update must be one of {optimizer_lib.COMBINE_MODES}, got {self.trunk_update!r}")
+    if self.jit_compile not in JIT_COMPILE_MODES:
+      raise ValueError(f"jit_compile must be one of {JIT_COMPILE_MODES}, got {self.jit_compile!r}")
     if self.mixed_precision not in MIXED_PRECISION_POLICIES:
       raise ValueError(f"mixed_precision must be one of {sorted(MIXED_PRECISION_POLICIES)}, got "
                        f"{self.mixed_precision!r}")
@@ -173,6 +215,11 @@ def make_optimizer(config: TrainConfig, model: MultiTaskModel) -> optimizer_lib.
       learning_rate=WarmupSchedule(config.learning_rate, config.warmup_steps), rho=config.rmsprop_rho,
       momentum=config.rmsprop_momentum, epsilon=config.rmsprop_epsilon, weight_decay=config.weight_decay,
       combine=config.trunk_update, loss_scale="dynamic" if config.mixed_precision == "float16" else None)
+
+
+def _all_finite(results: Dict[str, Dict[str, tf.Tensor]]) -> tf.Tensor:
+  """Whether every task's total loss is finite."""
+  return tf.reduce_all(tf.stack([tf.math.is_finite(r["total_loss"]) for r in results.values()]))
 
 
 def _flat_cosines(grads: Dict[str, List[tf.Tensor]]) -> Dict[str, tf.Tensor]:
@@ -279,7 +326,8 @@ class Trainer:
     self.checkpoint = tf.train.Checkpoint(**items)
     self.manager = tf.train.CheckpointManager(self.checkpoint, self.write_dir,
                                               max_to_keep=config.keep_checkpoints)
-    self._train_step_fn = {}
+    self.jit_compile = resolve_jit_compile(config.jit_compile)
+    self._loop_fns, self._gradient_fns = {}, {}
     self._sync_fn = None
 
   # ---- checkpoints ---------------------------------------------------------------------------------
@@ -364,7 +412,12 @@ class Trainer:
     checkpointed, so a resumed run reads a new, reproducible random stream."""
     return self.config.seed * 1_000_003 + start
 
-  def _distributed_datasets(self, seed: int):
+  def make_iterators(self, seed: int) -> Dict[str, object]:
+    """Task -> iterator over its distributed input pipeline (per-replica batches), seeded by `seed`."""
+    return {name: iter(ds) for name, ds in self.distributed_datasets(seed).items()}
+
+  def distributed_datasets(self, seed: int):
+    """Task -> its input pipeline distributed over the strategy's replicas (sharded per worker)."""
     datasets = {}
     for name, task in self.tasks.items():
       def dataset_fn(ctx, task=task, name=name):
@@ -375,7 +428,10 @@ class Trainer:
     return datasets
 
   # ---- the step ------------------------------------------------------------------------------------
-  def _replica_step(self, batches, with_cosines: bool):
+  def _replica_gradients(self, batches, with_cosines: bool):
+    """One replica's forward and backward pass of every task (all at the same weights, paper_spec 4):
+    gradients, per-task results and (optionally) the task-gradient cosines. No communication, so XLA
+    can compile it whole (--jit_compile)."""
     replicas = tf.distribute.get_replica_context().num_replicas_in_sync
     grads, results, trunk_grads = {}, {}, {}
     num_trunk = len(self.optimizer.shared)
@@ -391,11 +447,69 @@ class Trainer:
       trunk_grads[name] = grads[name][:num_trunk]
       results[name] = {"loss": loss, **metrics, "total_loss": total,
                        NUM_CORRUPT_KEY: tf.reduce_max(batch[NUM_CORRUPT_KEY])}
-    # All gradients are taken at the same weights before any update (paper_spec 4).
+    cosines = _flat_cosines(trunk_grads) if with_cosines and len(self.tasks) > 1 else {}
+    return grads, results, cosines
+
+  def _gradient_fn(self, with_cosines: bool):
+    if with_cosines not in self._gradient_fns:
+      fn = functools.partial(self._replica_gradients, with_cosines=with_cosines)
+      self._gradient_fns[with_cosines] = tf.function(fn, jit_compile=True) if self.jit_compile else fn
+    return self._gradient_fns[with_cosines]
+
+  def _replica_step(self, batches, with_cosines: bool):
+    grads, results, cosines = self._gradient_fn(with_cosines)(batches)
     for name, norm in self.optimizer.apply(grads).items():
       results[name]["trunk_update_norm"] = norm
-    cosines = _flat_cosines(trunk_grads) if with_cosines and len(self.tasks) > 1 else {}
     return results, cosines
+
+  def _distributed_step(self, iterators, with_cosines: bool):
+    """One training step on every replica (inside a tf.function): reduced metrics and cosines."""
+    batches = {name: next(it) for name, it in iterators.items()}
+    results, cosines = self.strategy.run(self._replica_step, args=(batches, with_cosines))
+
+    def reduce(key, value):
+      if key == NUM_CORRUPT_KEY:
+        # Cumulative count of each worker's pipeline: the latest (max) over this worker's replicas,
+        # summed over the workers' disjoint shards.
+        local = tf.reduce_max(tf.stack(self.strategy.experimental_local_results(value)))
+        return self._sum_over_workers(tf.cast(local, tf.float64))
+      return self.strategy.reduce(tf.distribute.ReduceOp.MEAN, value, axis=None)
+
+    reduced = {n: {k: reduce(k, v) for k, v in r.items()} for n, r in results.items()}
+    cos = {k: self.strategy.reduce(tf.distribute.ReduceOp.MEAN, v, axis=None) for k, v in cosines.items()}
+    self.step.assign_add(1)
+    return reduced, cos
+
+  def run_steps(self, iterators, num_steps: int = 1, with_cosines: bool = False, stop: bool = False) -> LoopResult:
+    """Runs `num_steps` training steps in one tf.function call (SimCLR's train_multiple_steps): the
+    host does not wait on the device between them. Stops early after the first step whose loss is not
+    finite (`first_bad_step`). Cosines, when asked for, are those of the last step.
+
+    `stop` is this process's signal flag; `stop_votes` comes from one all-reduce per call, so every
+    worker takes the same decision after the same call. Every worker must call with the same arguments.
+    """
+    if num_steps < 1:
+      raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+    if with_cosines not in self._loop_fns:
+      @tf.function
+      def loop(iterators, num_steps, stop):
+        first_bad = tf.constant(0, tf.int64)
+        done = tf.constant(0, tf.int64)
+        for _ in tf.range(num_steps - 1):
+          results, _ = self._distributed_step(iterators, False)
+          done += 1
+          if not _all_finite(results):
+            first_bad = done
+            break
+        # The last step (cosines are measured there) also runs after a bad step; nothing of it is kept.
+        results, cosines = self._distributed_step(iterators, with_cosines)
+        done += 1
+        if tf.logical_and(tf.equal(first_bad, 0), tf.logical_not(_all_finite(results))):
+          first_bad = done
+        return results, cosines, done, first_bad, self._sum_over_workers(stop)
+      self._loop_fns[with_cosines] = loop
+    return LoopResult(*self._loop_fns[with_cosines](iterators, tf.constant(num_steps, tf.int64),
+                                                    tf.constant(float(stop), tf.float32)))
 
   def _sum_over_workers(self, local: tf.Tensor) -> tf.Tensor:
     """Sum over the worker processes of a per-process value (each counted once): one all-reduce under
@@ -407,30 +521,18 @@ class Trainer:
         lambda ctx: tf.identity(local) if ctx.replica_id_in_sync_group % per_worker == 0 else tf.zeros_like(local))
     return self.strategy.reduce(tf.distribute.ReduceOp.SUM, values, axis=None)
 
-  def _train_step(self, with_cosines: bool):
-    """`step(iterators, stop=False) -> (metrics, cosines, stop_votes)`: one step on every replica.
-
-    `stop` is this process's signal flag; `stop_votes` (> 0 if any worker was signalled) comes from
-    one all-reduce inside the step, so every worker takes the same decision after the same step.
-    """
-    if with_cosines not in self._train_step_fn:
-      @tf.function
-      def step_fn(iterators, stop):
-        batches = {name: next(it) for name, it in iterators.items()}
-        results, cosines = self.strategy.run(self._replica_step, args=(batches, with_cosines))
-        def reduce(key, value):
-          if key == NUM_CORRUPT_KEY:
-            # Cumulative count of each worker's pipeline: the latest (max) over this worker's
-            # replicas, summed over the workers' disjoint shards.
-            local = tf.reduce_max(tf.stack(self.strategy.experimental_local_results(value)))
-            return self._sum_over_workers(tf.cast(local, tf.float64))
-          return self.strategy.reduce(tf.distribute.ReduceOp.MEAN, value, axis=None)
-        reduced = {n: {k: reduce(k, v) for k, v in r.items()} for n, r in results.items()}
-        cos = {k: self.strategy.reduce(tf.distribute.ReduceOp.MEAN, v, axis=None) for k, v in cosines.items()}
-        return reduced, cos, self._sum_over_workers(stop)
-      self._train_step_fn[with_cosines] = step_fn
-    compiled = self._train_step_fn[with_cosines]
-    return lambda iterators, stop=False: compiled(iterators, tf.constant(float(stop), tf.float32))
+  def steps_until_host_work(self, step: int) -> int:
+    """Steps the next `run_steps` call runs from `step`: up to steps_per_loop, ending at the first step
+    after which the host logs, saves, writes images or cosines, or starts/stops the profiler."""
+    cfg = self.config
+    every = [n for n in (cfg.log_every, cfg.checkpoint_every, cfg.image_summary_every, cfg.grad_cosine_every) if n]
+    marks = {cfg.train_steps}
+    if cfg.profile_steps:
+      marks |= {cfg.profile_steps[0] - 1, cfg.profile_steps[1]}
+    for end in range(step + 1, step + cfg.steps_per_loop):
+      if end in marks or any(end % n == 0 for n in every):
+        return end - step
+    return min(cfg.steps_per_loop, cfg.train_steps - step)
 
   # ---- summaries -----------------------------------------------------------------------------------
   def _write_images(self, image_iterators, step):
@@ -480,7 +582,7 @@ class Trainer:
       log.info("Run already at step %d >= train_steps %d; nothing to do.", start, cfg.train_steps)
       return {}
     data_seed = self.data_seed(start)
-    iterators = {n: iter(ds) for n, ds in self._distributed_datasets(data_seed).items()}
+    iterators = self.make_iterators(data_seed)
     image_iterators = None
     writer = tf.summary.create_file_writer(os.path.join(self.write_dir, "train"))
     last: Dict[str, Dict[str, float]] = {}
@@ -490,48 +592,48 @@ class Trainer:
     step = start
     with _StopRequest() as stop, writer.as_default():
       while step < cfg.train_steps:
-        with_cosines = bool(cfg.grad_cosine_every) and len(self.tasks) > 1 and (
-            (step + 1) % cfg.grad_cosine_every == 0)
+        # One call runs up to steps_per_loop steps and ends where the host has work (log, checkpoint,
+        # images, cosines, profile): the same schedule on every worker.
+        num_steps = self.steps_until_host_work(step)
+        end = step + num_steps
+        with_cosines = bool(cfg.grad_cosine_every) and len(self.tasks) > 1 and end % cfg.grad_cosine_every == 0
         if cfg.profile_steps and self.chief and step + 1 == cfg.profile_steps[0]:
           tf.profiler.experimental.start(os.path.join(self.write_dir, "train"))
-        results, cosines, stop_votes = self._train_step(with_cosines)(iterators, stop.requested)
-        if cfg.profile_steps and self.chief and step + 1 == cfg.profile_steps[1]:
+        out = self.run_steps(iterators, num_steps, with_cosines, stop=stop.requested)
+        first_bad = int(out.first_bad_step)  # the call's one host sync (the rest are log-step reads)
+        if first_bad:
+          losses = {n: float(r["total_loss"]) for n, r in out.metrics.items()}
+          raise FloatingPointError(
+              f"Non-finite loss at step {step + first_bad}" + (f": {losses}" if first_bad == num_steps else "")
+              + f". Stopping without saving; the last good checkpoint is kept: "
+              f"{tf.train.latest_checkpoint(self.model_dir)}")
+        if cfg.profile_steps and self.chief and end == cfg.profile_steps[1]:
           tf.profiler.experimental.stop()  # TensorBoard's Profile tab, beside the scalars
           log.info("Wrote a profile of steps %d-%d to %s", *cfg.profile_steps, os.path.join(self.write_dir, "train"))
-        losses = {n: float(r["total_loss"]) for n, r in results.items()}
-        bad = {n: v for n, v in losses.items() if not np.isfinite(v)}
-        if bad:
-          raise FloatingPointError(
-              f"Non-finite loss at step {step + 1}: {bad}. Stopping without saving; the last good "
-              f"checkpoint is kept: {tf.train.latest_checkpoint(self.model_dir)}")
-        step += 1
-        self.step.assign(step)
-        bar.update(1)
+        step = end
+        bar.update(num_steps)
         if step % cfg.log_every == 0 or step == cfg.train_steps:
           elapsed = max(time.time() - tick_time, 1e-9)
           steps_per_s = (step - tick_step) / elapsed
-          last = {n: {k: float(v) for k, v in r.items()} for n, r in results.items()}
+          last = {n: {k: float(v) for k, v in r.items()} for n, r in out.metrics.items()}
           for n, r in last.items():
             for k, v in r.items():
               tf.summary.scalar(f"{n}/{k}", v, step=step)
             tf.summary.scalar(f"{n}/learning_rate", float(self.optimizer.current_learning_rate()), step=step)
             tf.summary.scalar(f"{n}/examples_per_second", steps_per_s * cfg.batch_size_for(n), step=step)
-          for k, v in cosines.items():
-            tf.summary.scalar(f"grad_cosine/{k}", float(v), step=step)
           tf.summary.scalar("steps_per_second", steps_per_s, step=step)
           bar.set_postfix({n: f"{r['loss']:.3f}" for n, r in last.items()}, refresh=False)
           tick_time, tick_step = time.time(), step
-        elif cosines:
-          for k, v in cosines.items():
-            tf.summary.scalar(f"grad_cosine/{k}", float(v), step=step)
+        for k, v in out.cosines.items():
+          tf.summary.scalar(f"grad_cosine/{k}", float(v), step=step)
         if self.chief and cfg.image_summary_every and (step % cfg.image_summary_every == 0 or step == cfg.train_steps):
           if image_iterators is None:
             image_iterators = {n: iter(t.build_dataset(self.data[n], 2, seed=data_seed + 1,
                                                        tfds_data_dir=self.tfds_data_dir))
                                for n, t in self.tasks.items()}
           self._write_images(image_iterators, step)
-        # Every worker got the same votes from the step's all-reduce: all save and stop together.
-        stopping = float(stop_votes) > 0
+        # Every worker got the same votes from the call's all-reduce: all save and stop together.
+        stopping = float(out.stop_votes) > 0
         if step % cfg.checkpoint_every == 0 or step == cfg.train_steps or stopping:
           self.save()
         if stopping:
