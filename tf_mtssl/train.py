@@ -28,12 +28,12 @@ holder), restores, and records this start in run_config_history.jsonl and run_co
 Restart and preemption. The newest readable checkpoint in `model_dir` is restored (weights,
 per-task optimizer states, step; a damaged newer one is named and skipped) and training ends at
 exactly `train_steps`; under several workers, they first check that all of them resumed from the
-same step. The input pipeline is not checkpointed: it
-restarts at a new random position derived from (seed, restored step), so a resumed run sees a
-different but reproducible stream. SIGTERM or SIGINT stops the run after a checkpoint
-(`Trainer.preempted`; the binary exits with PREEMPTED_EXIT_CODE). If no step can finish because the
-input pipeline is starved, the process exits with that code anyway, without saving, `stop_grace_s`
-after the signal (at once during the input check, or on a second signal); see `_StopRequest`. Each process's signal flag enters
+same step. The input pipeline is not checkpointed: it restarts at a new random position derived
+from (seed, restored step), so a resumed run sees a different but reproducible stream. SIGTERM or
+SIGINT stops the run after a checkpoint (`Trainer.preempted`; the binary exits with
+PREEMPTED_EXIT_CODE). If no step can finish because the input pipeline is starved, the process
+exits with that code anyway, without saving, `stop_grace_s` after the signal (at once during the
+input check, or on a second signal); see `_StopRequest`. Each process's signal flag enters
 the next step and is summed over workers by one all-reduce inside it, so every worker learns of a
 signal to any of them after the same step, saves there and stops: none is left waiting in a
 collective. This does what tf.distribute.experimental.PreemptionCheckpointHandler does for
