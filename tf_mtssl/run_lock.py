@@ -208,7 +208,8 @@ class RunLock:
       try:
         os.utime(self.path)
       except OSError as e:  # a vanished file or a lost NFS mount: the next start decides
-        log.warning("Could not refresh %s: %s", self.path, e)
+        if not self._stop.is_set():  # (not the file `release` has just removed)
+          log.warning("Could not refresh %s: %s", self.path, e)
 
   def release(self) -> None:
     """Frees the directory (idempotent). Safe from any thread."""
