@@ -69,3 +69,14 @@ def write_photos(folder, size=160, names=("astronaut", "coffee", "chelsea", "roc
     img = skimage.transform.resize(getattr(skimage.data, n)(), (size, size * 4 // 3), anti_aliasing=True)
     skimage.io.imsave(os.path.join(folder, f"{n}.png"), (img * 255).astype(np.uint8), check_contrast=False)
   return str(folder)
+
+
+def assert_close(actual, desired, rtol: float = 1e-5, err_msg: str = ""):
+  """`np.testing.assert_allclose` with a tolerance relative to the values' scale:
+  |actual - desired| <= rtol * (|desired| + max |desired|), so entries near zero are compared at the
+  array's scale, not exactly. Float results differ in their last digits between machines of one
+  kind (AVX2-only vs AVX-512 CPUs: oneDNN picks other kernels), so no comparison of computed floats
+  uses a fixed absolute tolerance."""
+  desired = np.asarray(desired)
+  scale = float(np.max(np.abs(desired))) if desired.size else 0.0
+  np.testing.assert_allclose(np.asarray(actual), desired, rtol=rtol, atol=rtol * scale, err_msg=err_msg)

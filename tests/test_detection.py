@@ -19,6 +19,7 @@ from tf_mtssl.detection import data as data_lib
 from tf_mtssl.detection import model as model_lib
 from tf_mtssl.detection import targets
 from tf_mtssl.detection import train as train_lib
+from tf_mtssl.evaluation import common
 from tests import helpers
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -39,10 +40,14 @@ def skimage_photos():
 
 
 def tiny_detector(num_classes=3, **overrides):
-  keras.utils.set_random_seed(0)
-  trunk = trunk_lib.build_trunk(**helpers.TINY_TRUNK)
+  """A detector on a random tiny trunk (seed 0); its trunk's provenance is `RANDOM_TINY`."""
+  trunk, _ = common.load_trunk("random", trunk_config=helpers.TINY_TRUNK, seed=0)
   return model_lib.FasterRCNN(trunk, model_lib.DetectorConfig(num_classes=num_classes,
                                                               **{**TINY_DETECTOR, **overrides}))
+
+
+RANDOM_TINY = {"init": "random", "source": "random", "trunk": trunk_lib.trunk_config(**helpers.TINY_TRUNK),
+               "seed": 0}
 
 
 # ---- boxes and anchors ----------------------------------------------------------------------------
@@ -92,7 +97,7 @@ def test_rpn_targets_hand_case():
   out = targets.rpn_targets(anchors, anchor_valid, gt, valid, tf.constant([1, 2]), batch_per_image=256)
   np.testing.assert_array_equal(out["labels"].numpy()[0], [1, 0, 1, -1, 0, -1])
   decoded = box_ops.decode(out["box_targets"][0, 2], anchors[2]).numpy()
-  np.testing.assert_allclose(decoded, [50, 50, 62, 62], atol=1e-4)
+  helpers.assert_close(decoded, [50, 50, 62, 62], rtol=1e-5)
 
 
 def test_rpn_targets_sampling_caps_positives_at_half_of_the_batch():
@@ -138,7 +143,7 @@ def test_sample_rois_hand_case():
   fg = out["labels"][0] > 0
   decoded = box_ops.decode(tf.boolean_mask(out["box_targets"][0], fg), tf.boolean_mask(out["rois"][0], fg),
                            (10.0, 10.0, 5.0, 5.0))
-  np.testing.assert_allclose(decoded.numpy(), np.tile([[0, 0, 10, 10]], (3, 1)), atol=1e-3)
+  helpers.assert_close(decoded.numpy(), np.tile([[0, 0, 10, 10]], (3, 1)), rtol=1e-4)
   # With 4 slots, at most a quarter (1) may be foreground: 1 fg, 2 bg (all there are), 1 padding.
   out = targets.sample_rois(proposals, prop_valid, gt, gt_labels, gt_valid, tf.constant([0, 1]), num_rois=4)
   np.testing.assert_array_equal(out["labels"].numpy()[0], [3, 0, 0, -1])
@@ -150,7 +155,7 @@ def test_roi_features_sample_bin_centres_in_feature_coordinates():
   features = tf.tile(tf.range(8, dtype=tf.float32)[None, None, :, None], [1, 8, 1, 1])
   rois = tf.constant([[[0.0, 32.0, 64.0, 96.0]]])        # x from 2 to 6 in feature units (stride 16)
   crops = detector.roi_features(features, rois).numpy()
-  np.testing.assert_allclose(crops[0, :, :, 0], np.tile([2.5, 3.5, 4.5, 5.5], (4, 1)), atol=1e-5)
+  helpers.assert_close(crops[0, :, :, 0], np.tile([2.5, 3.5, 4.5, 5.5], (4, 1)), rtol=1e-6)
 
 
 # ---- the detector ---------------------------------------------------------------------------------
@@ -196,11 +201,12 @@ def test_tiny_detector_overfits_a_few_embedded_images(tmp_path):
                                     log_every=50, checkpoint_every=1000, summary_images=2)
   result = train_lib.finetune(detector, data_lib.train_dataset(examples, input_config),
                               data_lib.eval_dataset(examples, input_config), class_names, str(tmp_path),
-                              config)
+                              config, trunk_source=RANDOM_TINY)
   assert result["final_losses"]["detection_loss"] < 0.5
   assert result["mAP"] >= 0.8, result
-  saved = json.loads((tmp_path / train_lib.RESULTS_FILE).read_text())
-  assert saved["mAP"] == pytest.approx(result["mAP"]) and set(saved["AP"]) == set(class_names)
+  saved = json.loads((tmp_path / common.RESULTS_FILE).read_text())
+  assert saved["mAP"] == pytest.approx(result["mAP"], rel=1e-6) and set(saved["AP"]) == set(class_names)
+  assert saved["trunk"] == RANDOM_TINY and saved["evaluation"] == "detection"
   assert tf.train.latest_checkpoint(str(tmp_path)).endswith("ckpt-100")
 
 
@@ -212,16 +218,26 @@ def test_finetune_resumes_from_its_latest_checkpoint(tmp_path):
   input_config = data_lib.InputConfig(min_side=64, max_side=64, batch_size=2)
   config = train_lib.FinetuneConfig(train_steps=2, checkpoint_every=1, log_every=1)
   first = tiny_detector(anchor_scales=(16.0, 32.0))
-  train_lib.finetune(first, data_lib.train_dataset(examples, input_config), None, names, str(tmp_path), config)
+  train_lib.finetune(first, data_lib.train_dataset(examples, input_config), None, names, str(tmp_path), config,
+                     trunk_source=RANDOM_TINY)
   weights = [v.numpy() for v in first.trainable_variables]
   second = tiny_detector(anchor_scales=(16.0, 32.0))
   assert not np.allclose(second.trainable_variables[0].numpy(), weights[0])  # other init (seeded run)
   config = train_lib.FinetuneConfig(train_steps=2, checkpoint_every=1, log_every=1)
   out = train_lib.finetune(second, data_lib.train_dataset(examples, input_config), None, names,
-                           str(tmp_path), config)
+                           str(tmp_path), config, trunk_source=RANDOM_TINY)
   assert out["step"] == 2 and out["mAP"] is None
   for a, b in zip(weights, second.trainable_variables):
     np.testing.assert_array_equal(a, b.numpy())
+  # A trunk from another source never resumes this folder (it would train 0 steps and report the
+  # first trunk's mAP): refused, naming both sources, nothing changed.
+  before = {f: os.path.getmtime(tmp_path / f) for f in os.listdir(tmp_path)}
+  other = dict(RANDOM_TINY, seed=1)
+  with pytest.raises(ValueError, match=r"holds the detection evaluation of random init \(seed 0.*"
+                                       r"this detection evaluation is of random init \(seed 1"):
+    train_lib.finetune(tiny_detector(anchor_scales=(16.0, 32.0)), data_lib.train_dataset(examples, input_config),
+                       None, names, str(tmp_path), config, trunk_source=other)
+  assert before == {f: os.path.getmtime(tmp_path / f) for f in os.listdir(tmp_path)}
 
 
 # ---- trunk origins ---------------------------------------------------------------------------------
@@ -237,7 +253,7 @@ def _fake_pretraining_run(model_dir, lasso=None):
 def test_detector_on_a_restored_trunk_starts_from_its_weights(tmp_path):
   pretrained = _fake_pretraining_run(tmp_path / "run")
   keras.utils.set_random_seed(0)
-  trunk, info = train_lib.load_trunk("pretrained", model_dir=str(tmp_path / "run"))
+  trunk, info = common.load_trunk("pretrained", model_dir=str(tmp_path / "run"))
   detector = model_lib.FasterRCNN(trunk, model_lib.DetectorConfig(num_classes=2, **TINY_DETECTOR))
   assert info["init"] == "pretrained" and info["checkpoint"].endswith("ckpt-1")
   fresh = trunk_lib.build_trunk(**helpers.TINY_TRUNK)
@@ -246,26 +262,26 @@ def test_detector_on_a_restored_trunk_starts_from_its_weights(tmp_path):
   assert any(not np.array_equal(w.numpy(), o.numpy()) for w, o in zip(pretrained.weights, fresh.weights))
   # Same features as the pretrained trunk (inference mode).
   images = tf.random.normal([1, 64, 64, 3])
-  np.testing.assert_allclose(detector.features(images, training=False).numpy(),
-                             pretrained(images, training=False)["block3"].numpy(), atol=1e-5)
+  helpers.assert_close(detector.features(images, training=False).numpy(),
+                       pretrained(images, training=False)["block3"].numpy())
   # An exported trunk.keras loads the same weights.
   pretrained.save(str(tmp_path / "trunk.keras"))
-  trunk_k, info_k = train_lib.load_trunk("pretrained", trunk_keras=str(tmp_path / "trunk.keras"))
+  trunk_k, info_k = common.load_trunk("pretrained", trunk_keras=str(tmp_path / "trunk.keras"))
   for want, got in zip(pretrained.weights, trunk_k.weights):
     np.testing.assert_array_equal(want.numpy(), got.numpy())
 
 
 def test_load_trunk_errors_are_clear(tmp_path):
   with pytest.raises(ValueError, match="exactly one of --model_dir"):
-    train_lib.load_trunk("pretrained")
+    common.load_trunk("pretrained")
   with pytest.raises(FileNotFoundError):
-    train_lib.load_trunk("pretrained", model_dir=str(tmp_path))          # no run_config.json
+    common.load_trunk("pretrained", model_dir=str(tmp_path))          # no run_config.json
   checkpoints.save_run_config(str(tmp_path), {"trunk": trunk_lib.trunk_config(**helpers.TINY_TRUNK)})
   with pytest.raises(FileNotFoundError, match="No checkpoint"):
-    train_lib.load_trunk("pretrained", model_dir=str(tmp_path))
-  with pytest.raises(FileNotFoundError, match="neither"):
-    train_lib.load_trunk("pretrained", trunk_keras=str(tmp_path / "missing.keras"))
-  trunk, info = train_lib.load_trunk("random", trunk_config=helpers.TINY_TRUNK)
+    common.load_trunk("pretrained", model_dir=str(tmp_path))
+  with pytest.raises(FileNotFoundError, match="trunk.keras file or an export directory"):
+    common.load_trunk("pretrained", trunk_keras=str(tmp_path / "missing.keras"))
+  trunk, info = common.load_trunk("random", trunk_config=helpers.TINY_TRUNK)
   assert info["init"] == "random" and trunk_lib.feature_channels(8) == model_lib.trunk_channels(trunk)
 
 
@@ -280,8 +296,7 @@ def test_lasso_detector_reads_a_combination_of_block3_units(tmp_path):
   detector = model_lib.FasterRCNN(trunk, model_lib.DetectorConfig(num_classes=2, **TINY_DETECTOR), lasso=lasso)
   images = tf.random.normal([1, 64, 64, 3])
   # Starts as the naive model (alpha = last unit) ...
-  np.testing.assert_allclose(detector.features(images, False).numpy(),
-                             trunk(images, training=False)["block3"].numpy(), atol=1e-5)
+  helpers.assert_close(detector.features(images, False).numpy(), trunk(images, training=False)["block3"].numpy())
   # ... and the detection loss reaches alpha, whose L1 penalty is part of the regularisation.
   assert float(detector.regularization_loss(0.0)) == pytest.approx(1e-2)
   batch = {"image": images, "image_shape": tf.constant([[64, 64]]),
@@ -344,21 +359,39 @@ def test_train_pipeline_scales_and_flips_boxes():
   np.testing.assert_allclose(flipped, [15.0, 150.0 - 60.0, 45.0, 150.0 - 30.0])
 
 
-def test_binary_runs_on_the_embedded_set(tmp_path):
+def test_binary_runs_on_the_embedded_set_and_never_resumes_another_trunks_folder(tmp_path):
+  """--init=random --model_dir=RUN takes the run's architecture; results.json records only what was
+  used; a second run of another trunk source into the same --output_dir is refused, naming both."""
+  _fake_pretraining_run(tmp_path / "run")  # a depth-14 trunk, unlike the --depth flag default (101)
   out = tmp_path / "det"
-  cmd = [sys.executable, "-m", "tf_mtssl.finetune_detection", "--flagfile=flags/detection_embedded.cfg",
-         "--init=random", "--depth=14", "--base_width=8", "--min_side=96", "--max_side=96",
-         "--anchor_scales=32,64", "--anchor_ratios=1", "--rpn_channels=32", "--roi_batch_per_image=8",
-         "--crop_size=4", "--batch_size=2", "--train_steps=2", "--eval_max_images=2",
-         f"--output_dir={out}"]
-  proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
-                        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+  tiny = ["--flagfile=flags/detection_embedded.cfg", "--min_side=96", "--max_side=96",
+          "--anchor_scales=32,64", "--anchor_ratios=1", "--rpn_channels=32", "--roi_batch_per_image=8",
+          "--crop_size=4", "--batch_size=2", "--train_steps=2", "--eval_max_images=2", f"--output_dir={out}"]
+
+  def run(*args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "tf_mtssl.finetune_detection", *tiny, *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+
+  proc = run("--init=random", f"--model_dir={tmp_path / 'run'}")
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "mAP (VOC07 11-point)" in proc.stdout
-  results = json.loads((out / train_lib.RESULTS_FILE).read_text())
+  results = json.loads((out / common.RESULTS_FILE).read_text())
   assert results["step"] == 2 and results["num_test_images"] == 2
-  assert set(results["AP"]) == {"apple", "butterfly", "chelsea"}
-  assert results["run_info"]["trunk"]["init"] == "random"
+  assert set(results["AP"]) == set(results["class_names"]) == {"apple", "butterfly", "chelsea"}
+  assert results["trunk"]["source"] == "random" and results["trunk"]["trunk"]["depth"] == 14
+  assert results["trunk"]["architecture_of"] == str(tmp_path / "run")
+  assert '"depth": 101' not in (out / common.RESULTS_FILE).read_text()  # no flag defaults
+  saved = {f: os.path.getmtime(out / f) for f in os.listdir(out)}
+
+  again = run(f"--model_dir={tmp_path / 'run'}", timeout=120)  # the run's pretrained trunk this time
+  assert again.returncode == 2, again.stderr[-3000:]
+  assert f"--output_dir {out} holds the detection evaluation of random init (seed 0" in again.stderr
+  assert f"this detection evaluation is of run {tmp_path / 'run'}, checkpoint" in again.stderr
+  assert "Traceback" not in again.stderr
+  assert saved == {f: os.path.getmtime(out / f) for f in os.listdir(out)}
+  assert json.loads((out / common.RESULTS_FILE).read_text())["trunk"]["source"] == "random"
+
   bad = subprocess.run([sys.executable, "-m", "tf_mtssl.finetune_detection", f"--output_dir={out}"],
                        cwd=REPO, capture_output=True, text=True, timeout=120,
                        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})

@@ -293,9 +293,11 @@ def test_two_workers_resume_keep_identical_weights_and_match_one_process_on_the_
   assert noise_only and all(re.fullmatch(r"(conv1|block\d_unit\d+_(conv3|shortcut))/bias", p) for p in noise_only)
   trunk = checkpoints.restore_trunk(run)
   compared = 0
+  # Relative to the weights' scale (summation orders differ between 2 replicas and 1).
+  scale = max(float(np.abs(w.numpy()).max()) for w in reference.model.trunk.weights)
   for ours, ref in zip(trunk.weights, reference.model.trunk.weights):
     if ref.path not in noise_only:
-      np.testing.assert_allclose(ours.numpy(), ref.numpy(), atol=1e-4, err_msg=ours.path)
+      np.testing.assert_allclose(ours.numpy(), ref.numpy(), rtol=1e-4, atol=1e-4 * scale, err_msg=ours.path)
       compared += 1
   assert compared > 0.8 * len(trunk.weights)
   assert scalars(run, "rp/num_corrupt")[steps] >= 1

@@ -1,6 +1,7 @@
 """Tests of the linear evaluation (paper_spec 7.1) and its labelled sources."""
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -125,7 +126,7 @@ def test_cached_per_unit_features_give_the_same_logits_as_combining_first():
   units = trunk(preprocessing.rgb_to_trunk_input(images), training=False)["units"]
   combined = pool_to_grid(probe.lasso(units, row=common.EVAL_LASSO_ROW), 3)
   direct = probe.classifier(tf.reshape(combined, [2, -1]))
-  np.testing.assert_allclose(cached.numpy(), direct.numpy(), rtol=1e-4, atol=1e-4)
+  helpers.assert_close(cached.numpy(), direct.numpy(), rtol=1e-4)
 
 
 def test_run_directory_without_checkpoint_is_a_clear_error(tmp_path):
@@ -170,15 +171,44 @@ def _run_binary(*args):
                         env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
 
 
-def test_binary_writes_result_json(tmp_path, toy_folder):
-  run = _run_binary("--init=random", "--depth=14", "--base_width=8", f"--data={toy_folder}",
-                    f"--image_size={SIZE}", "--train_steps=5", "--lr_boundaries=", "--batch_size=8",
-                    f"--output_dir={tmp_path / 'out'}")
+def test_binary_writes_results_json_of_what_was_used_and_keeps_its_folder_to_one_trunk(tmp_path, toy_folder):
+  args = ["--init=random", "--depth=14", "--base_width=8", f"--data={toy_folder}", f"--image_size={SIZE}",
+          "--train_steps=5", "--lr_boundaries=", "--batch_size=8", f"--output_dir={tmp_path / 'out'}"]
+  run = _run_binary(*args)
   assert run.returncode == 0, run.stderr[-3000:]
-  result = json.loads((tmp_path / "out" / "result.json").read_text())
-  assert 0.0 <= result["top1"] <= result["top5"] <= 1.0 and result["trunk"]["init"] == "random"
+  text = (tmp_path / "out" / common.RESULTS_FILE).read_text()
+  result = json.loads(text)
+  assert 0.0 <= result["top1"] <= result["top5"] <= 1.0 and result["evaluation"] == "linear"
+  assert result["trunk"] == {"init": "random", "source": "random", "seed": 0,
+                             "trunk": trunk_lib.trunk_config(**helpers.TINY_TRUNK)}
   assert result["eval_split"] == "val" and result["num_classes"] == 3
+  assert "flags" not in result and '"depth": 101' not in text and '"base_width": 64' not in text
   assert "top1=" in run.stdout and "chance top1=0.3333" in run.stdout
+  # Another trunk (seed 1) into the same folder: refused, naming both; the results stay the first's.
+  again = _run_binary(*args, "--seed=1")
+  assert again.returncode == 2 and "Traceback" not in again.stderr
+  assert (f"--output_dir {tmp_path / 'out'} holds the linear evaluation of random init (seed 0, depth 14, "
+          "base_width 8, output_stride 16); this linear evaluation is of random init (seed 1") in again.stderr
+  assert (tmp_path / "out" / common.RESULTS_FILE).read_text() == text
+
+
+def test_block3_smaller_than_the_grid_is_refused_naming_the_smallest_size():
+  trunk = trunk_lib.build_trunk(**helpers.TINY_TRUNK)  # output stride 16
+  with pytest.raises(ValueError, match=r"--image_size=8 gives a 1x1 block 3, smaller than the 3x3 grid.*"
+                                       r"--image_size >= 33"):
+    linear.ProbeTrainer(trunk, 3, _config(image_size=8))
+  linear.ProbeTrainer(trunk, 3, _config(image_size=33))  # 3x3: fits
+
+
+def test_lr_boundaries_beyond_train_steps_warn(caplog):
+  trunk = trunk_lib.build_trunk(**helpers.TINY_TRUNK)
+  with caplog.at_level(logging.WARNING):
+    linear.ProbeTrainer(trunk, 3, _config(train_steps=10, lr_boundaries=(6, 1200, 1600)))
+  assert "--lr_boundaries 1200,1600 lie at or beyond --train_steps=10" in caplog.text
+  caplog.clear()
+  with caplog.at_level(logging.WARNING):
+    linear.ProbeTrainer(trunk, 3, _config(train_steps=10, lr_boundaries=(6, 8)))
+  assert "lr_boundaries" not in caplog.text
 
 
 def test_binary_on_a_run_without_checkpoint_fails_with_one_clear_line(tmp_path):
@@ -206,7 +236,8 @@ def test_exported_trunk_keras_file_is_a_trunk_source(tmp_path):
   trunk = trunk_lib.build_trunk(**helpers.TINY_TRUNK)
   trunk.save(str(tmp_path / "trunk.keras"))
   loaded, info = common.load_trunk("pretrained", trunk_keras=str(tmp_path / "trunk.keras"))
-  assert info["trunk_keras"].endswith("trunk.keras") and common.num_units(loaded) == 1
+  assert info["source"] == "keras_file" and info["keras_file"].endswith("trunk.keras")
+  assert common.num_units(loaded) == 1
   assert all(np.array_equal(a, b) for a, b in zip(_weights(trunk), _weights(loaded)))
   with pytest.raises(FileNotFoundError, match="not found"):
     common.load_trunk("pretrained", trunk_keras=str(tmp_path / "missing.keras"))

@@ -118,9 +118,14 @@ def test_binary_trains_the_eval_lasso_row_on_the_embedded_pairs(tmp_path):
       capture_output=True, text=True, timeout=300, cwd=helpers.REPO_ROOT,
       env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
   assert run.returncode == 0, run.stderr[-3000:]
-  result = json.loads((tmp_path / "result.json").read_text())
+  text = (tmp_path / common.RESULTS_FILE).read_text()
+  result = json.loads(text)
   assert 0.0 <= result["delta1"] <= 1.0 and result["data"]["kind"] == "stereo"
-  assert result["skipped_train_batches"] == 0 and result["trunk"]["init"] == "random"
+  assert result["skipped_train_batches"] == 0 and result["evaluation"] == "depth"
+  assert result["trunk"] == {"init": "random", "source": "random", "seed": 0,
+                             "trunk": trunk_lib.trunk_config(depth=26, base_width=8)}
+  assert "flags" not in result and '"depth": 101' not in text  # only what was used
+  assert json.loads((tmp_path / common.SOURCE_FILE).read_text())["trunk"] == result["trunk"]
   alpha = np.array(result["eval_lasso_alpha"])
   assert alpha.shape == (2,) and not np.allclose(alpha, [0.0, 1.0])  # trained away from its init
   assert result["final_train"]["lasso_l1"] > 0 and "delta1=" in run.stdout

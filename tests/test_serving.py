@@ -149,7 +149,7 @@ def test_grpc_predict_returns_the_features_of_jpeg_bytes(stub, reference):
   expected = reference(image_bytes=tf.constant(images))
   assert set(response.outputs) == {"features", "block3", "grid"}
   for key, proto in response.outputs.items():
-    np.testing.assert_allclose(tf.make_ndarray(proto), expected[key].numpy(), atol=1e-4)
+    helpers.assert_close(tf.make_ndarray(proto), expected[key].numpy())
   assert tf.make_ndarray(response.outputs["features"]).shape == (2, 16 * helpers.TINY_TRUNK["base_width"])
   filtered = stub.Predict(server_lib.predict_request(images[:1], outputs=["grid"]), timeout=60)
   assert list(filtered.outputs) == ["grid"] and tf.make_ndarray(filtered.outputs["grid"]).shape[:3] == (1, 3, 3)
@@ -222,7 +222,7 @@ def test_concurrent_requests_are_all_answered_correctly(stub, reference):
         lambda im: stub.Predict(server_lib.predict_request([im], outputs=["features"]), timeout=120), images))
   expected = reference(image_bytes=tf.constant(images))["features"].numpy()
   got = np.concatenate([tf.make_ndarray(r.outputs["features"]) for r in responses])
-  np.testing.assert_allclose(got, expected, atol=1e-4)
+  helpers.assert_close(got, expected)
 
 
 def test_rest_predict_status_and_errors(server, reference):
@@ -231,7 +231,7 @@ def test_rest_predict_status_and_errors(server, reference):
                        {"instances": [{"b64": base64.b64encode(image).decode()}]})
   assert status == 200, body
   expected = reference(image_bytes=tf.constant([image]))
-  np.testing.assert_allclose(body["predictions"][0]["features"], expected["features"][0], atol=1e-4)
+  helpers.assert_close(body["predictions"][0]["features"], expected["features"][0])
   assert np.array(body["predictions"][0]["grid"]).shape == (3, 3, 128)
   status, body = _rest(server, "/v1/models/tf_mtssl")
   assert status == 200 and body["model_version_status"][0]["state"] == "AVAILABLE"

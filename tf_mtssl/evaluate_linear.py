@@ -6,7 +6,8 @@
       --tfds_data_dir=/data/tfds
 
 Prints top-1 / top-5 on the evaluation split, writes them to TensorBoard (--output_dir) and to
---output_dir/result.json. See `tf_mtssl.evaluation.linear` for the protocol.
+--output_dir/results.json with the trunk's provenance; an --output_dir made from another trunk
+source is refused (trunk_source.json). See `tf_mtssl.evaluation.linear` for the protocol.
 """
 
 import dataclasses
@@ -64,7 +65,8 @@ flags.DEFINE_float("weight_decay", 0.0, "L2 weight on the classifier kernel [I].
 flags.DEFINE_integer("eval_every", 0, "Steps between evaluations (0: only at the end).")
 flags.DEFINE_integer("log_every", 100, "Steps between training-loss logs.")
 flags.DEFINE_integer("seed", 0, "Seed of random init, shuffling and augmentation.")
-flags.DEFINE_string("output_dir", "runs/eval_linear", "TensorBoard summaries and result.json.")
+flags.DEFINE_string("output_dir", "runs/eval_linear", "TensorBoard summaries and results.json; "
+                    "reused only by the same trunk source.")
 flag_utils.define_trunk_flags()
 flag_utils.define_lasso_flags()
 
@@ -88,16 +90,16 @@ def main(argv):
       crop_fraction=FLAGS.crop_fraction, augment=FLAGS.augment, cache_features=FLAGS.cache_features,
       lasso_l1=FLAGS.lasso_l1 if flag_utils.lasso_applies(FLAGS.lasso, "eval") else None,
       eval_every=FLAGS.eval_every, log_every=FLAGS.log_every, seed=FLAGS.seed)
-  print(f"Linear evaluation (paper_spec 7.1): {trunk_info}; data {source.describe()['spec']} "
-        f"({source.num_classes} classes), train split {FLAGS.train_split!r}, eval split {eval_split!r}; "
-        f"{config}")
-  result = linear.ProbeTrainer(trunk, source.num_classes, config).fit(
-      source, FLAGS.train_split, eval_split, summary_dir=FLAGS.output_dir)
-  result.update(trunk=trunk_info, data=source.describe(), train_split=FLAGS.train_split,
-                eval_split=eval_split, lasso=FLAGS.lasso, config=dataclasses.asdict(config),
-                flags=FLAGS.flag_values_dict())
-  path = os.path.join(FLAGS.output_dir, "result.json")
-  common.write_json(path, result)
+  trainer = linear.ProbeTrainer(trunk, source.num_classes, config)
+  common.claim_output_dir(FLAGS.output_dir, linear.EVALUATION, trunk_info)
+  print(f"Linear evaluation (paper_spec 7.1) of {common.describe_source(trunk_info)}; data "
+        f"{source.describe()['spec']} ({source.num_classes} classes), train split {FLAGS.train_split!r}, "
+        f"eval split {eval_split!r}; {config}")
+  result = trainer.fit(source, FLAGS.train_split, eval_split, summary_dir=FLAGS.output_dir)
+  # Only what was used: the resolved probe settings, not the binary's flag defaults.
+  result.update(data=source.describe(), train_split=FLAGS.train_split, eval_split=eval_split,
+                lasso=FLAGS.lasso, config=dataclasses.asdict(config))
+  path = common.write_results(FLAGS.output_dir, linear.EVALUATION, trunk_info, result)
   print(f"top1={result['top1']:.4f} top{result['top5_k']}={result['top5']:.4f} "
         f"({result['num_eval']} {eval_split} examples, {source.num_classes} classes, chance top1="
         f"{1.0 / source.num_classes:.4f})")

@@ -273,8 +273,8 @@ def export_run(model_dir: str, export_dir: str, checkpoint: Optional[str] = None
   if not os.path.isdir(model_dir):
     raise FileNotFoundError(f"Pretraining run directory {model_dir} does not exist")
   config = checkpoints.load_run_config(model_dir)
-  path = checkpoints.resolve_checkpoint(model_dir, checkpoint)
-  trunk = checkpoints.restore_trunk(model_dir, path)
+  # The named checkpoint, else the newest readable one (damaged newer ones are named and skipped).
+  trunk, path = checkpoints.trunk_from_run(model_dir, checkpoint)
   metadata = {"model_dir": os.path.abspath(model_dir), "checkpoint": os.path.abspath(path),
               "step": _step_of(path), "trunk": config["trunk"], "run_config": config}
   lasso = checkpoints.restore_lasso(model_dir, path)
@@ -285,7 +285,7 @@ def export_run(model_dir: str, export_dir: str, checkpoint: Optional[str] = None
 
 
 # ---- reading an export ----------------------------------------------------------------------------
-def _version_dir(path: str) -> str:
+def version_dir(path: str) -> str:
   """A version directory, or the newest version of an export directory."""
   if os.path.isfile(os.path.join(path, "saved_model.pb")):
     return path
@@ -294,7 +294,7 @@ def _version_dir(path: str) -> str:
 
 def read_metadata(path: str) -> dict:
   """export_metadata.json of a version directory (or of the newest version of an export dir)."""
-  file = os.path.join(_version_dir(path), EXTRA_DIR, METADATA_FILE)
+  file = os.path.join(version_dir(path), EXTRA_DIR, METADATA_FILE)
   if not os.path.isfile(file):
     raise FileNotFoundError(f"{file} is missing: not a tf_mtssl export")
   with open(file) as f:
@@ -307,7 +307,7 @@ def load_keras_trunk(path: str) -> keras.Model:
   `path`: a version directory or an export directory (its newest version).
   """
   from tf_mtssl import lasso  # noqa: F401  (registers the project's custom layers)
-  file = os.path.join(_version_dir(path), EXTRA_DIR, KERAS_FILE)
+  file = os.path.join(version_dir(path), EXTRA_DIR, KERAS_FILE)
   if not os.path.isfile(file):
     raise FileNotFoundError(f"{file} is missing: not a tf_mtssl export")
-  return keras.models.load_model(file)
+  return keras.models.load_model(file, compile=False)

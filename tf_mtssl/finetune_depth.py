@@ -6,7 +6,8 @@
       --tfds_data_dir=/data/tfds
 
 The whole network is fine-tuned; the test split is evaluated with `tf_mtssl.metrics.depth_metrics`
-(printed, written to TensorBoard under --output_dir and to --output_dir/result.json). See
+(printed, written to TensorBoard under --output_dir and to --output_dir/results.json with the
+trunk's provenance; an --output_dir made from another trunk source is refused). See
 `tf_mtssl.evaluation.depth` (network, loss) and `tf_mtssl.data.depth_sources` (data, splits).
 """
 
@@ -65,7 +66,8 @@ flags.DEFINE_float("clipnorm", 0.0, "Clip the global gradient norm to this; 0 = 
 flags.DEFINE_integer("eval_every", 0, "Steps between test evaluations (0: only at the end).")
 flags.DEFINE_integer("log_every", 50, "Steps between training logs.")
 flags.DEFINE_integer("seed", 0, "Seed of random init and of the training crops.")
-flags.DEFINE_string("output_dir", "runs/finetune_depth", "TensorBoard summaries and result.json.")
+flags.DEFINE_string("output_dir", "runs/finetune_depth", "TensorBoard summaries and results.json; "
+                    "reused only by the same trunk source.")
 flag_utils.define_trunk_flags()
 flag_utils.define_lasso_flags()
 
@@ -91,13 +93,16 @@ def main(argv):
   network = depth.DepthNetwork(
       trunk, num_upprojections=FLAGS.decoder_upprojections, width=FLAGS.decoder_width,
       lasso_l1=FLAGS.lasso_l1 if flag_utils.lasso_applies(FLAGS.lasso, "eval") else None)
-  print(f"Depth fine-tuning (paper_spec 7.3): {trunk_info}; data {source.describe()}; {config}")
-  result = depth.DepthTrainer(network, config).fit(source.train_dataset(seed=FLAGS.seed),
-                                                   source.test_dataset(), summary_dir=FLAGS.output_dir)
-  result.update(trunk=trunk_info, data=source.describe(), lasso=FLAGS.lasso,
-                config=dataclasses.asdict(config), flags=FLAGS.flag_values_dict())
-  path = os.path.join(FLAGS.output_dir, "result.json")
-  common.write_json(path, result)
+  trainer = depth.DepthTrainer(network, config)
+  common.claim_output_dir(FLAGS.output_dir, depth.EVALUATION, trunk_info)
+  print(f"Depth fine-tuning (paper_spec 7.3) of {common.describe_source(trunk_info)}; data "
+        f"{source.describe()}; {config}")
+  result = trainer.fit(source.train_dataset(seed=FLAGS.seed), source.test_dataset(),
+                       summary_dir=FLAGS.output_dir)
+  # Only what was used: the resolved settings, not the binary's flag defaults.
+  result.update(data=source.describe(), lasso=FLAGS.lasso, config=dataclasses.asdict(config),
+                decoder={"upprojections": FLAGS.decoder_upprojections, "width": FLAGS.decoder_width})
+  path = common.write_results(FLAGS.output_dir, depth.EVALUATION, trunk_info, result)
   print(f"delta1={result['delta1']:.4f} delta2={result['delta2']:.4f} delta3={result['delta3']:.4f} "
         f"abs_rel={result['abs_rel']:.4f} rmse={result['rmse']:.4f} ({result['num_valid_pixels']} valid "
         f"test pixels; skipped batches without valid ground truth: train "

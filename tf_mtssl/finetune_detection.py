@@ -5,10 +5,12 @@
   python -m tf_mtssl.finetune_detection --flagfile=flags/detection_embedded.cfg --init=random
 
 The trunk comes from a pretraining run (--model_dir), an exported trunk (--trunk_keras) or random
-initialisation (--init=random with --depth/--base_width/--output_stride). Resumes from the newest
-checkpoint in --output_dir; writes TensorBoard logs there and, at the end, detection_results.json (mAP
-and per-class AP). The detector, input and optimisation flags are the fields of DetectorConfig,
-InputConfig and FinetuneConfig (tf_mtssl.detection), with their defaults and help.
+initialisation (--init=random: the architecture of --model_dir when given, else of
+--depth/--base_width/--output_stride). Resumes from the newest checkpoint in --output_dir when that
+folder was made from the same trunk source (trunk_source.json), else refuses it naming both; writes
+TensorBoard logs there and, at the end, results.json (mAP, per-class AP, the trunk's provenance).
+The detector, input and optimisation flags are the fields of DetectorConfig, InputConfig and
+FinetuneConfig (tf_mtssl.detection), with their defaults and help.
 """
 
 import dataclasses
@@ -24,12 +26,14 @@ from tf_mtssl import flag_utils
 from tf_mtssl.detection import data as data_lib
 from tf_mtssl.detection import model as model_lib
 from tf_mtssl.detection import train as train_lib
+from tf_mtssl.evaluation import common
 
 FLAGS = flags.FLAGS
 
-flags.DEFINE_enum("init", "pretrained", list(train_lib.TRUNK_INITS),
-                  "pretrained: trunk from --model_dir or --trunk_keras; random: a fresh trunk "
-                  "(--depth/--base_width/--output_stride), the Random Init baseline (paper_spec 7.4).")
+flags.DEFINE_enum("init", "pretrained", list(common.INIT_MODES),
+                  "pretrained: trunk from --model_dir or --trunk_keras; random: a fresh trunk, the "
+                  "Random Init baseline (paper_spec 7.4), of --model_dir's architecture if given, else "
+                  "of --depth/--base_width/--output_stride.")
 flags.DEFINE_string("model_dir", "", "Pretraining run directory whose trunk is fine-tuned.")
 flags.DEFINE_string("checkpoint", "", "Checkpoint prefix in --model_dir (default: its latest).")
 flags.DEFINE_string("trunk_keras", "", "An exported trunk: a trunk.keras file or an export directory.")
@@ -40,7 +44,8 @@ flags.DEFINE_string("train_split", "", "Training split; empty: train+validation 
                     "tfds, train for the embedded set.")
 flags.DEFINE_string("test_split", "test", "Evaluation split.")
 flags.DEFINE_integer("eval_max_images", 0, "Evaluate on the first N test images only (0: all).")
-flags.DEFINE_string("output_dir", "runs/detection", "Checkpoints, TensorBoard logs, detection_results.json.")
+flags.DEFINE_string("output_dir", "runs/detection", "Checkpoints, TensorBoard logs, results.json; "
+                    "resumed only by the same trunk source.")
 flag_utils.define_trunk_flags()
 flag_utils.define_lasso_flags()
 
@@ -96,33 +101,37 @@ def main(argv):
   finetune_config = _dataclass_from_flags(train_lib.FinetuneConfig)
   input_config = _dataclass_from_flags(data_lib.InputConfig)
   keras.utils.set_random_seed(finetune_config.seed)
-  trunk, trunk_info = train_lib.load_trunk(FLAGS.init, FLAGS.model_dir, FLAGS.checkpoint, FLAGS.trunk_keras,
-                                           flag_utils.trunk_config_from_flags())
-  lasso = train_lib.make_lasso(FLAGS.lasso, trunk, FLAGS.lasso_l1, FLAGS.model_dir)
+  trunk, trunk_info = common.load_trunk(
+      FLAGS.init, model_dir=FLAGS.model_dir, checkpoint=FLAGS.checkpoint, trunk_keras=FLAGS.trunk_keras,
+      trunk_config=flag_utils.trunk_config_from_flags(), seed=finetune_config.seed)
+  # The pretraining half of --lasso concerns a pretrained trunk only.
+  lasso = train_lib.make_lasso(FLAGS.lasso, trunk, FLAGS.lasso_l1,
+                               FLAGS.model_dir if FLAGS.init == "pretrained" else "")
   train_split = FLAGS.train_split or ("train" if FLAGS.data == "embedded" else "train+validation")
   train_examples, class_names = data_lib.raw_examples(FLAGS.data, train_split, FLAGS.tfds_data_dir)
   test_examples, _ = data_lib.raw_examples(FLAGS.data, FLAGS.test_split, FLAGS.tfds_data_dir)
   detector_config = _dataclass_from_flags(model_lib.DetectorConfig, num_classes=len(class_names))
   detector = model_lib.FasterRCNN(trunk, detector_config, lasso=lasso)
-  run_info = {"trunk": trunk_info, "data": FLAGS.data, "train_split": train_split,
+  run_info = {"data": FLAGS.data, "train_split": train_split,
               "test_split": FLAGS.test_split, "lasso": FLAGS.lasso, "class_names": class_names,
               "input_config": dataclasses.asdict(input_config)}
   # Print the protocol into the log (design notes: unstated protocol details cause reproduction gaps).
   logging.info("Detection protocol:\n%s", json.dumps(
       {"finetune": dataclasses.asdict(finetune_config), "detector": dataclasses.asdict(detector_config),
-       **run_info}, indent=1, default=str))
+       "trunk": trunk_info, **run_info}, indent=1, default=str))
   results = train_lib.finetune(
       detector,
       data_lib.train_dataset(train_examples, input_config, seed=finetune_config.seed),
       data_lib.eval_dataset(test_examples, input_config, max_images=FLAGS.eval_max_images or None),
-      class_names, FLAGS.output_dir, finetune_config, run_info=run_info)
+      class_names, FLAGS.output_dir, finetune_config, trunk_source=trunk_info, run_info=run_info)
   print(f"mAP ({'VOC07 11-point' if finetune_config.use_07_metric else 'area'}) = {results['mAP']:.4f} "
         f"on {results['num_test_images']} {FLAGS.test_split} images at step {results['step']}")
   for name, ap in results["AP"].items():
     print(f"  AP {name:>16s}: {'n/a' if ap is None else f'{ap:.4f}'}")
   if results["train_images_per_sec"]:
     print(f"Training speed: {results['train_images_per_sec']:.2f} images/s")
-  print(f"Results:     {os.path.abspath(os.path.join(FLAGS.output_dir, train_lib.RESULTS_FILE))}")
+  print(f"Trunk:       {common.describe_source(trunk_info)}")
+  print(f"Results:     {os.path.abspath(os.path.join(FLAGS.output_dir, common.RESULTS_FILE))}")
   print(f"TensorBoard: tensorboard --logdir {os.path.abspath(FLAGS.output_dir)}")
 
 

@@ -7,9 +7,11 @@ Resumes from the newest checkpoint in --model_dir. Per-task hyper-parameters are
 
 Several workers: start the same command on each with --distribution=multi_worker and TF_CONFIG
 naming the cluster and the worker's own index (README "Several workers, preemption and resume").
-Exit codes: 0 done; 2 bad input, a non-finite loss, a cluster that could not be formed within
---cluster_timeout_s, or a peer worker lost mid-run; 42 (train.PREEMPTED_EXIT_CODE) stopped by
-SIGTERM/SIGINT after saving a checkpoint: run the same command again to resume.
+Exit codes: 0 done; 2 bad input (checked before anything is written to --model_dir), a
+--model_dir in use by another process (run.lock names it), a non-finite loss, a cluster that could
+not be formed within --cluster_timeout_s, or a peer worker lost mid-run; 42
+(train.PREEMPTED_EXIT_CODE) stopped by SIGTERM/SIGINT, after saving a checkpoint (or, with a starved
+input pipeline, without, --stop_grace_s later): run the same command again to resume.
 """
 
 import logging
@@ -73,6 +75,9 @@ flags.DEFINE_enum("jit_compile", "auto", list(train.JIT_COMPILE_MODES), "XLA for
                   "backward pass: auto = on when a GPU is visible, off on CPUs (where XLA measured slower).")
 flags.DEFINE_list("profile_steps", [], "FIRST,LAST: write a TensorBoard profile of these steps (1-based) "
                   "to <model_dir>/train.")
+flags.DEFINE_float("stop_grace_s", 60.0, "After SIGTERM/SIGINT, the longest wait (at least 3x the longest "
+                   "step) for the current step to end and a checkpoint to be saved; past it (a starved "
+                   "input pipeline) the run exits without saving, resumable from its newest checkpoint.")
 flag_utils.define_trunk_flags()
 flag_utils.define_lasso_flags()
 flag_utils.define_task_option_flags()
@@ -106,7 +111,8 @@ def _train():
       image_summary_every=FLAGS.image_summary_every, grad_cosine_every=FLAGS.grad_cosine_every,
       progress_bar=FLAGS.progress_bar, mixed_precision=FLAGS.mixed_precision,
       steps_per_loop=FLAGS.steps_per_loop, jit_compile=FLAGS.jit_compile,
-      profile_steps=flag_utils.parse_step_range(FLAGS.profile_steps, "profile_steps"))
+      profile_steps=flag_utils.parse_step_range(FLAGS.profile_steps, "profile_steps"),
+      stop_grace_s=FLAGS.stop_grace_s)
   data = flag_utils.data_for_tasks(names, FLAGS.data,
                                    flag_utils.parse_task_assignments(FLAGS.task_data, "task_data"))
   trainer = train.Trainer(

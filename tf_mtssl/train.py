@@ -19,12 +19,21 @@ replicas (`weights_fingerprint` shows it). Reported metrics are means over repli
 writes summaries and checkpoints to `model_dir`; other workers write to a temporary directory
 that is removed at the end (as TF documents for MultiWorkerMirroredStrategy).
 
-Restart and preemption. The newest checkpoint in `model_dir` is restored (weights, per-task
-optimizer states, step) and training ends at exactly `train_steps`; under several workers, they
-first check that all of them resumed from the same step. The input pipeline is not checkpointed: it
-restarts at a new random position derived from (seed, restored step), so a resumed run sees a
-different but reproducible stream. SIGTERM or SIGINT stops the run after a checkpoint
-(`Trainer.preempted`; the binary exits with PREEMPTED_EXIT_CODE). Each process's signal flag enters
+Start-up. First every task's source is read (one batch each, `check_inputs`): a bad path or a
+source with nothing readable fails before anything is written to `model_dir`. Then the chief takes
+the run directory's lock (`tf_mtssl.run_lock`: a second process on it fails at once, naming the
+holder), restores, and records this start in run_config_history.jsonl and run_config.json
+(`checkpoints.record_start`: what changed since the previous start, at which step).
+
+Restart and preemption. The newest readable checkpoint in `model_dir` is restored (weights,
+per-task optimizer states, step; a damaged newer one is named and skipped) and training ends at
+exactly `train_steps`; under several workers, they first check that all of them resumed from the
+same step. The input pipeline is not checkpointed: it restarts at a new random position derived
+from (seed, restored step), so a resumed run sees a different but reproducible stream. SIGTERM or
+SIGINT stops the run after a checkpoint (`Trainer.preempted`; the binary exits with
+PREEMPTED_EXIT_CODE). If no step can finish because the input pipeline is starved, the process
+exits with that code anyway, without saving, `stop_grace_s` after the signal (at once during the
+input check, or on a second signal); see `_StopRequest`. Each process's signal flag enters
 the next `run_steps` call and is summed over workers by one all-reduce inside it, so every worker
 learns of a signal to any of them after the same call, saves there and stops: none is left waiting
 in a collective.
@@ -34,7 +43,9 @@ loop, as SimCLR's train_multiple_steps), with the non-finite-loss guard inside t
 reads one scalar per call and the metrics only at log steps. Calls end where the host has work (log,
 checkpoint, image summary, cosines, profiler), by the same rule on every worker. `--jit_compile`
 compiles each replica's forward and backward pass with XLA (the optimizer's update stays outside:
-it communicates with the other replicas). This does what tf.distribute.experimental.PreemptionCheckpointHandler does for
+it communicates with the other replicas).
+
+This does what tf.distribute.experimental.PreemptionCheckpointHandler does for
 MultiWorkerMirroredStrategy, without its costs (TF 2.21): on every start it probes the Google Cloud
 metadata server (7 s here, offline; measured); and, as its source reads, on GCE CPU VMs it ignores
 signals altogether, on GCE GPU VMs it trains on for a one-hour grace period after the signal
@@ -46,12 +57,13 @@ saved, so the newest checkpoint is the last good one.
 import contextlib
 import dataclasses
 import functools
-import hashlib
 import itertools
 import logging
 import os
 import shutil
 import signal
+import sys
+import threading
 import time
 from typing import Dict, List, Optional, Tuple
 
@@ -60,8 +72,9 @@ import numpy as np
 import tensorflow as tf
 from tqdm import tqdm
 
-from tf_mtssl import checkpoints, distribute
+from tf_mtssl import checkpoints, distribute, run_lock
 from tf_mtssl import optimizer as optimizer_lib
+from tf_mtssl.data import sources
 from tf_mtssl.model import MultiTaskModel
 from tf_mtssl.tasks.base import NUM_CORRUPT_KEY, Task
 
@@ -132,6 +145,9 @@ class TrainConfig:
   steps_per_loop: int = 10             # steps per tf.function call; the host syncs once per call
   jit_compile: str = "auto"            # auto | on | off: XLA for the forward/backward pass (auto: on GPUs)
   profile_steps: Optional[Tuple[int, int]] = None  # (first, last) step traced by the TF profiler
+  # After SIGTERM/SIGINT, the longest wait for the current step (at least 3x the longest step seen)
+  # before exiting without a checkpoint: a starved input pipeline never finishes its step [I].
+  stop_grace_s: float = 60.0
 
   def __post_init__(self):
     for name in ("train_steps", "batch_size", "log_every", "checkpoint_every", "keep_checkpoints", "steps_per_loop"):
@@ -153,6 +169,8 @@ class TrainConfig:
     if self.mixed_precision not in MIXED_PRECISION_POLICIES:
       raise ValueError(f"mixed_precision must be one of {sorted(MIXED_PRECISION_POLICIES)}, got "
                        f"{self.mixed_precision!r}")
+    if self.stop_grace_s <= 0:
+      raise ValueError(f"stop_grace_s must be > 0, got {self.stop_grace_s}")
     if self.profile_steps is not None:
       first, last = self.profile_steps
       if not 1 <= first <= last:
@@ -237,14 +255,40 @@ def _flat_cosines(grads: Dict[str, List[tf.Tensor]]) -> Dict[str, tf.Tensor]:
 class _StopRequest:
   """SIGTERM/SIGINT -> finish the current step, save a checkpoint, stop (preemption).
 
-  Only sets a flag, which the next step shares with every worker (see the module doc). While training
-  runs it replaces TF's own C++ SIGTERM notifier, which MultiWorkerMirroredStrategy installs (and
-  which otherwise swallows SIGTERM).
+  The flag is shared with every worker by the next step (see the module doc). While it is active it
+  replaces TF's own C++ SIGTERM notifier, which MultiWorkerMirroredStrategy installs (and which
+  otherwise swallows SIGTERM).
+
+  A Python signal handler only runs once the main thread is back in the interpreter, which it is
+  not while a step (or the input check) waits on a starved input pipeline. So the signal also wakes
+  a watcher thread (`signal.set_wakeup_fd`) that sets the flag itself and, depending on `phase`:
+    "inputs"   (nothing written yet): exits at once;
+    "starting", "training": waits for the main thread to save and stop; if it is still in one of
+               these phases max(grace_s, 3 x the longest step seen) after the signal, it exits
+               without saving, naming the newest checkpoint the restart will resume from;
+    "saving":  lets the checkpoint being written finish (the deadline moves on).
+  A second signal exits at once. Exits run the `add_cleanup` callbacks first (the run lock) and use
+  PREEMPTED_EXIT_CODE: the run is resumable from its newest checkpoint.
   """
 
-  def __init__(self):
+  def __init__(self, grace_s: float = 60.0, describe_resume=lambda: ""):
     self.requested = False
+    self.phase = "inputs"
+    self.grace_s = float(grace_s)
+    self._describe_resume = describe_resume
     self._previous = {}
+    self._cleanups = []
+    self._longest_step = 0.0
+    self._wakeup = None       # (read fd, write fd, previous wakeup fd)
+    self._watcher = None
+    self._timer = None
+    self._signals = 0
+
+  def add_cleanup(self, fn) -> None:
+    self._cleanups.append(fn)
+
+  def step_done(self, seconds: float) -> None:
+    self._longest_step = max(self._longest_step, seconds)
 
   def __enter__(self):
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -252,14 +296,74 @@ class _StopRequest:
         self._previous[sig] = signal.signal(sig, self._handle)
       except ValueError:  # not the main thread: no handler, the run is simply not preemption-aware
         pass
+    if self._previous:
+      read_fd, write_fd = os.pipe()
+      os.set_blocking(write_fd, False)
+      self._wakeup = (read_fd, write_fd, signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False))
+      self._watcher = threading.Thread(target=self._watch, name="signal-watcher", daemon=True)
+      self._watcher.start()
     return self
 
   def _handle(self, signum, frame):
-    del frame
-    log.warning("Received signal %d: saving a checkpoint after this step and stopping.", signum)
+    del signum, frame  # the watcher thread logs and acts; here only the flag, for the main thread
     self.requested = True
 
+  def _watch(self):
+    read_fd = self._wakeup[0]
+    while True:
+      try:
+        data = os.read(read_fd, 64)
+      except OSError:
+        return
+      for signum in data:
+        if signum == 0:  # __exit__ wakes the watcher to end it
+          return
+        if signum not in (signal.SIGTERM, signal.SIGINT):
+          continue
+        self._signals += 1
+        self.requested = True
+        if self._signals > 1:
+          self._exit(f"Stopped at once by a second signal ({signum}) without saving.")
+        if self.phase == "inputs":
+          self._exit(f"Stopped by signal {signum} while reading the first examples: nothing was written.")
+        wait_s = max(self.grace_s, 3.0 * self._longest_step)
+        log.warning("Received signal %d: saving a checkpoint after this step and stopping (at the "
+                    "latest in %.0f s; send it again to stop at once without saving).", signum, wait_s)
+        self._timer = threading.Timer(wait_s, self._on_deadline, args=(signum, wait_s))
+        self._timer.daemon = True
+        self._timer.start()
+
+  def _on_deadline(self, signum, wait_s):
+    if self.phase == "saving":  # a checkpoint is being written: wait for it, then for the next step
+      self._timer = threading.Timer(wait_s, self._on_deadline, args=(signum, wait_s))
+      self._timer.daemon = True
+      self._timer.start()
+    elif self.phase in ("starting", "training"):
+      self._exit(f"Stopped by signal {signum}: no step finished within {wait_s:.0f} s (the input "
+                 f"pipeline is starved, or a step is that slow); exiting without a checkpoint."
+                 f"{self._describe_resume()}")
+
+  def _exit(self, message: str):
+    for fn in self._cleanups:
+      try:
+        fn()
+      except Exception:  # noqa: BLE001 - exiting anyway; the next start reports what is left
+        pass
+    print(message, file=sys.stderr, flush=True)
+    os._exit(PREEMPTED_EXIT_CODE)
+
   def __exit__(self, *exc):
+    self.phase = "done"  # a deadline timer still pending does nothing now
+    if self._timer is not None:
+      self._timer.cancel()
+    if self._wakeup is not None:
+      read_fd, write_fd, previous_fd = self._wakeup
+      signal.set_wakeup_fd(previous_fd)
+      os.write(write_fd, b"\0")
+      self._watcher.join(timeout=5)
+      os.close(read_fd)
+      os.close(write_fd)
+      self._wakeup = None
     for sig, handler in self._previous.items():
       # None: the previous handler was installed outside Python (TF's); the default is what is left.
       signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
@@ -300,6 +404,8 @@ class Trainer:
                        "in sync; use a multiple of the number of replicas.")
     self.multi_worker = distribute.is_multi_worker(self.strategy)
     self.chief = is_chief(self.strategy)
+    if self.chief:  # fail at once, before the slow start-up, if another process holds model_dir
+      run_lock.RunLock(model_dir).check_free()
     self.preempted = False  # set by train() when a signal stopped it after saving a checkpoint
     self.write_dir = model_dir if self.chief else os.path.join(
         model_dir, ".worker_tmp", worker_name(self.strategy))
@@ -327,22 +433,51 @@ class Trainer:
     self.manager = tf.train.CheckpointManager(self.checkpoint, self.write_dir,
                                               max_to_keep=config.keep_checkpoints)
     self.jit_compile = resolve_jit_compile(config.jit_compile)
-    self._loop_fns, self._gradient_fns = {}, {}
+    self._loop_fns, self._step_fns, self._gradient_fns = {}, {}, {}
     self._sync_fn = None
 
   # ---- checkpoints ---------------------------------------------------------------------------------
   def restore_latest(self) -> int:
-    """Restores the newest checkpoint of model_dir, if any; returns the step to resume from."""
-    latest = tf.train.latest_checkpoint(self.model_dir)
-    if latest is None:
+    """Restores the newest readable checkpoint of model_dir, if any; returns the step to resume from.
+
+    Damaged newer checkpoints (e.g. a truncated .data file) are named in a warning and skipped
+    (`checkpoints.read_checkpoint`); they are left in place.
+    """
+    def read(prefix):
+      try:
+        self.checkpoint.read(prefix).assert_existing_objects_matched()
+      except (AssertionError, ValueError, tf.errors.InvalidArgumentError) as e:
+        raise ValueError(f"Checkpoint {prefix} does not fit the model being built ({e}); it was left "
+                         "untouched. Use another --model_dir.") from e
+
+    restored = checkpoints.read_checkpoint(read, self.model_dir)
+    if restored is None:
       return 0
-    try:
-      self.checkpoint.read(latest).assert_existing_objects_matched()
-    except (AssertionError, ValueError, tf.errors.InvalidArgumentError) as e:
-      raise ValueError(f"Checkpoint {latest} does not fit the model being built ({e}); it was left "
-                       "untouched. Use another --model_dir.") from e
-    log.info("Restored %s (step %d)", latest, int(self.step.numpy()))
+    log.info("Restored %s (step %d)", restored, int(self.step.numpy()))
     return int(self.step.numpy())
+
+  def check_inputs(self) -> None:
+    """Reads one batch of every task's source and writes nothing.
+
+    Raises FileNotFoundError/ValueError with a one-line message naming the task and the problem: a
+    missing path, data the task cannot read, or a source of which nothing is readable (found after
+    one pass over it, `sources.shuffle_repeat_decode`).
+    """
+    replicas = self.strategy.num_replicas_in_sync
+    log.info("Reading one batch of every task's data (%s) before anything is written to %s",
+             ", ".join(f"{n}: {d}" for n, d in self.data.items()), self.model_dir)
+    for name, task in self.tasks.items():
+      spec = self.data[name]
+      try:
+        batch = task.build_dataset(spec, self.config.batch_size_for(name) // replicas, seed=self.config.seed,
+                                   tfds_data_dir=self.tfds_data_dir)
+        next(iter(batch))
+      except tf.errors.OpError as e:
+        message = sources.unreadable_source_message(e) or checkpoints.first_line(e)
+        raise ValueError(f"Task {name} cannot read its data ({spec}): {message}") from None
+      except StopIteration:
+        raise ValueError(f"Task {name}: its data ({spec}) gives no batch of "
+                         f"{self.config.batch_size_for(name) // replicas} examples") from None
 
   def save(self) -> Optional[str]:
     """Saves at the current step (every worker must call it; only the chief's lands in model_dir)."""
@@ -389,10 +524,7 @@ class Trainer:
       variables += list(self.model.heads[name].weights)
     if self.model.lasso is not None:
       variables += list(self.model.lasso.weights)
-    digest = hashlib.sha256()
-    for variable in variables:
-      digest.update(np.ascontiguousarray(np.asarray(variable.numpy())).tobytes())
-    return digest.hexdigest()
+    return checkpoints.fingerprint(variables)
 
   def _check_workers_agree(self, start: int) -> None:
     """Raises unless every worker restored the same step (one all-reduce of (step, step^2))."""
@@ -480,6 +612,12 @@ class Trainer:
     self.step.assign_add(1)
     return reduced, cos
 
+  def _step_fn(self, with_cosines: bool):
+    """The distributed step as its own tf.function: traced once, called by every loop that runs it."""
+    if with_cosines not in self._step_fns:
+      self._step_fns[with_cosines] = tf.function(functools.partial(self._distributed_step, with_cosines=with_cosines))
+    return self._step_fns[with_cosines]
+
   def run_steps(self, iterators, num_steps: int = 1, with_cosines: bool = False, stop: bool = False) -> LoopResult:
     """Runs `num_steps` training steps in one tf.function call (SimCLR's train_multiple_steps): the
     host does not wait on the device between them. Stops early after the first step whose loss is not
@@ -496,13 +634,13 @@ class Trainer:
         first_bad = tf.constant(0, tf.int64)
         done = tf.constant(0, tf.int64)
         for _ in tf.range(num_steps - 1):
-          results, _ = self._distributed_step(iterators, False)
+          results, _ = self._step_fn(False)(iterators)
           done += 1
           if not _all_finite(results):
             first_bad = done
             break
         # The last step (cosines are measured there) also runs after a bad step; nothing of it is kept.
-        results, cosines = self._distributed_step(iterators, with_cosines)
+        results, cosines = self._step_fn(with_cosines)(iterators)
         done += 1
         if tf.logical_and(tf.equal(first_bad, 0), tf.logical_not(_all_finite(results))):
           first_bad = done
@@ -573,11 +711,44 @@ class Trainer:
           pass
 
   def _train(self) -> Dict[str, Dict[str, float]]:
+    # The signal handling covers the input check too: a starved source must not make it deaf.
+    with _StopRequest(self.config.stop_grace_s, self._describe_resume) as stop:
+      self.check_inputs()  # before anything is written to model_dir
+      stop.phase = "starting"
+      with self._holding_model_dir(stop):
+        return self._run(stop)
+
+  def _describe_resume(self) -> str:
+    latest = tf.train.latest_checkpoint(self.model_dir)
+    return f" The restart resumes from {latest}." if latest else " No checkpoint was saved yet."
+
+  @contextlib.contextmanager
+  def _holding_model_dir(self, stop: "_StopRequest"):
+    """The chief holds model_dir's run lock (`tf_mtssl.run_lock`); other workers share its directory."""
+    if not self.chief:
+      yield
+      return
+    lock = run_lock.RunLock(self.model_dir)
+    lock.acquire()
+    stop.add_cleanup(lock.release)
+    try:
+      yield
+    finally:
+      lock.release()
+
+  def _record_start(self, start: int) -> None:
+    changes = checkpoints.record_start(self.model_dir, self.run_config, start)
+    if changes:
+      log.warning("Starting at step %d with settings changed since the previous start (all starts: "
+                  "%s): %s", start, os.path.join(self.model_dir, checkpoints.RUN_CONFIG_HISTORY),
+                  "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changes.items()))
+
+  def _run(self, stop: "_StopRequest") -> Dict[str, Dict[str, float]]:
     cfg = self.config
     start = self.restore_latest()
     self._check_workers_agree(start)
     if self.chief:
-      checkpoints.save_run_config(self.model_dir, self.run_config)
+      self._record_start(start)
     if start >= cfg.train_steps:
       log.info("Run already at step %d >= train_steps %d; nothing to do.", start, cfg.train_steps)
       return {}
@@ -590,7 +761,8 @@ class Trainer:
                unit="step", dynamic_ncols=True)
     tick_time, tick_step = time.time(), start
     step = start
-    with _StopRequest() as stop, writer.as_default():
+    stop.phase = "training"
+    with writer.as_default():
       while step < cfg.train_steps:
         # One call runs up to steps_per_loop steps and ends where the host has work (log, checkpoint,
         # images, cosines, profile): the same schedule on every worker.
@@ -599,8 +771,11 @@ class Trainer:
         with_cosines = bool(cfg.grad_cosine_every) and len(self.tasks) > 1 and end % cfg.grad_cosine_every == 0
         if cfg.profile_steps and self.chief and step + 1 == cfg.profile_steps[0]:
           tf.profiler.experimental.start(os.path.join(self.write_dir, "train"))
+        call_start, traced = time.time(), with_cosines in self._loop_fns
         out = self.run_steps(iterators, num_steps, with_cosines, stop=stop.requested)
         first_bad = int(out.first_bad_step)  # the call's one host sync (the rest are log-step reads)
+        if traced:  # a call that traced its function is no measure of how long steps take
+          stop.step_done(time.time() - call_start)
         if first_bad:
           losses = {n: float(r["total_loss"]) for n, r in out.metrics.items()}
           raise FloatingPointError(
@@ -635,7 +810,10 @@ class Trainer:
         # Every worker got the same votes from the call's all-reduce: all save and stop together.
         stopping = float(out.stop_votes) > 0
         if step % cfg.checkpoint_every == 0 or step == cfg.train_steps or stopping:
+          stop.phase = "saving"  # the signal watcher lets a checkpoint being written finish
           self.save()
+          if not stopping:
+            stop.phase = "training"
         if stopping:
           self.preempted = True
           log.warning("Stopped at step %d on a signal (checkpoint saved); resume by running the same "

@@ -10,11 +10,14 @@ Specs:
 
 Unreadable, corrupt or truncated images are skipped, never a crash: decoding errors are dropped by
 `ignore_errors` and counted by comparing stream positions (`scan` below), so every element carries
-`num_corrupt`, the number skipped so far, which the trainer logs to TensorBoard.
+`num_corrupt`, the number skipped so far, which the trainer logs to TensorBoard. A source of which
+nothing at all can be read fails instead, after one pass over it, with an error naming the source
+and the count (`unreadable_source_message` extracts it): repeating it would loop forever.
 """
 
 import glob
 import os
+import re
 from typing import List, Optional
 
 import tensorflow as tf
@@ -24,6 +27,8 @@ from tf_mtssl.tasks.base import NUM_CORRUPT_KEY
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
 _AUTOTUNE = tf.data.AUTOTUNE
+# Marks the error of a source with no readable element, so that callers can tell it from others.
+_UNREADABLE_MARK = "tf_mtssl-unreadable-source: "
 
 
 def list_image_files(folder: str) -> List[str]:
@@ -119,6 +124,15 @@ def _count_skipped(last_position, element):
   return position, (decoded, skipped)
 
 
+def describe_spec(spec: str) -> str:
+  """How error messages name a source spec, e.g. "image folder /data/x"."""
+  if spec.startswith("tfds:") or spec == "embedded":
+    return spec
+  if os.path.isdir(spec):
+    return f"image folder {spec}"
+  return f"TFRecords {spec}"
+
+
 def image_dataset(spec: str, *, seed: int = 0, split: str = "train", shuffle: bool = True,
                   repeat: bool = True, tfds_data_dir: Optional[str] = None,
                   input_context: Optional[tf.distribute.InputContext] = None,
@@ -133,39 +147,81 @@ def image_dataset(spec: str, *, seed: int = 0, split: str = "train", shuffle: bo
   `shuffle_repeat_decode` for what changes (only the corrupt-image count).
   """
   ds = encoded_images(spec, split=split, tfds_data_dir=tfds_data_dir)
+  description = describe_spec(spec)
   if input_context is not None and input_context.num_input_pipelines > 1:
     ds = ds.shard(input_context.num_input_pipelines, input_context.input_pipeline_id)
+    description += (f" (the shard of input pipeline {input_context.input_pipeline_id} of "
+                    f"{input_context.num_input_pipelines})")
   if cache_decoded is None:
     cache_decoded = repeat and spec == "embedded"
   return shuffle_repeat_decode(ds, lambda encoded: {"image": decode_rgb(encoded)}, seed=seed, shuffle=shuffle,
-                               shuffle_buffer=shuffle_buffer, repeat=repeat, cache_decoded=cache_decoded)
+                               shuffle_buffer=shuffle_buffer, repeat=repeat, cache_decoded=cache_decoded,
+                               description=description,
+                               unit="files" if os.path.isdir(spec) or spec == "embedded" else "records")
 
 
 def shuffle_repeat_decode(ds: tf.data.Dataset, decode_fn, *, seed: int, shuffle: bool = True,
-                          shuffle_buffer: int = 2048, repeat: bool = True,
-                          cache_decoded: bool = False) -> tf.data.Dataset:
+                          shuffle_buffer: int = 2048, repeat: bool = True, cache_decoded: bool = False,
+                          description: str = "the source", unit: str = "elements") -> tf.data.Dataset:
   """Shuffles (with `seed`), repeats and decodes the finite dataset of raw elements `ds` with
   `decode_fn` (raw element -> dict of tensors), skipping and counting what does not decode
   (`decode_skipping_errors`).
+
+  If no element of `ds` decodes, reading the result fails (InvalidArgumentError, after one pass
+  over `ds`) with a message naming `description` and how many `unit` it holds; see
+  `unreadable_source_message`. Without this a repeated source of corrupt files would loop forever.
 
   cache_decoded: decode every element once and repeat the decoded elements from memory, for small
   sources. The elements are the same, in the same order, as without the cache (the shuffle permutes
   the same number of elements with the same seed) when all decode; undecodable ones are skipped
   once, and every element carries their total number instead of a count that grows every epoch.
   """
+  guard = _fail_unless_readable(ds, decode_fn, description, unit)
   if not cache_decoded:
+    stream = ds
     if shuffle:
-      ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
+      stream = stream.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
     if repeat:
-      ds = ds.repeat()
-    return decode_skipping_errors(ds, decode_fn)
-  decoded = decode_skipping_errors(ds, decode_fn).cache()
-  total = _count_undecodable(ds, decoded)
-  if shuffle:
-    decoded = decoded.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
-  if repeat:
-    decoded = decoded.repeat()
-  return tf.data.Dataset.zip(decoded, total.repeat()).map(lambda e, n: {**e, NUM_CORRUPT_KEY: n})
+      stream = stream.repeat()
+    stream = decode_skipping_errors(stream, decode_fn)
+  else:
+    decoded = decode_skipping_errors(ds, decode_fn).cache()
+    total = _count_undecodable(ds, decoded)
+    if shuffle:
+      decoded = decoded.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
+    if repeat:
+      decoded = decoded.repeat()
+    stream = tf.data.Dataset.zip(decoded, total.repeat()).map(lambda e, n: {**e, NUM_CORRUPT_KEY: n})
+  return guard.flat_map(lambda _: stream)
+
+
+def _fail_unless_readable(raw: tf.data.Dataset, decode_fn, description: str, unit: str) -> tf.data.Dataset:
+  """One element (0), computed when first read: decodes `raw` up to its first readable element
+  (one decode when the first is fine); if none is, fails naming `description` and the count."""
+  def check(_):
+    found = raw.map(decode_fn).ignore_errors().take(1).reduce(tf.constant(0, tf.int64), lambda n, _: n + 1)
+
+    def fail():
+      known = raw.cardinality()
+      count = tf.cond(known >= 0, lambda: known,
+                      lambda: raw.reduce(tf.constant(0, tf.int64), lambda n, _: n + 1))
+      message = tf.strings.format(
+          _UNREADABLE_MARK + f"No readable element in {description}: all {{}} {unit} are corrupt, "
+          "truncated or unreadable", count)
+      with tf.control_dependencies([tf.debugging.Assert(False, [message])]):
+        return tf.constant(0, tf.int64)
+
+    return tf.cond(found > 0, lambda: tf.constant(0, tf.int64), fail)
+
+  return tf.data.Dataset.from_tensors(0).map(check)
+
+
+def unreadable_source_message(error: BaseException) -> Optional[str]:
+  """The one-line message of a source with no readable element (see `shuffle_repeat_decode`) if
+  `error` is that failure, else None."""
+  text = getattr(error, "message", None) or str(error)
+  match = re.search(re.escape(_UNREADABLE_MARK) + r"([^\]\n]*)", text)
+  return match.group(1) if match else None
 
 
 def _count_undecodable(raw: tf.data.Dataset, decoded: tf.data.Dataset) -> tf.data.Dataset:
@@ -184,7 +240,8 @@ def decode_skipping_errors(ds: tf.data.Dataset, decode_fn) -> tf.data.Dataset:
   fails (corrupt/truncated data) and adding NUM_CORRUPT_KEY: how many were dropped so far."""
   ds = ds.enumerate()
   ds = ds.map(lambda i, raw: (i, decode_fn(raw)), num_parallel_calls=_AUTOTUNE, deterministic=True)
-  ds = ds.ignore_errors(log_warning=True)
+  # No warning per dropped element: it would not name the file, and the count is reported instead.
+  ds = ds.ignore_errors(log_warning=False)
   ds = ds.scan(tf.constant(-1, tf.int64), _count_skipped)
   return ds.scan(tf.constant(0, tf.int64),
                  lambda total, e: (total + e[1], {**e[0], NUM_CORRUPT_KEY: total + e[1]}))

@@ -1,13 +1,14 @@
 """Faster R-CNN fine-tuning loop and VOC evaluation (paper_spec 7.2).
 
 `finetune` trains a `FasterRCNN` with SGD + momentum on a step learning-rate schedule, checkpoints
-with `tf.train.CheckpointManager` (the newest checkpoint of `output_dir` is restored on start, so a
-killed job resumes), writes TensorBoard summaries (losses, learning rate, mAP, per-class AP, test
-images with their predicted boxes) and, at the end, `detection_results.json` with the per-class AP.
+with `tf.train.CheckpointManager` (the newest readable checkpoint of `output_dir` is restored on
+start, so a killed job resumes, but only in a folder claimed for the same trunk source:
+`tf_mtssl.evaluation.common.claim_output_dir`), writes TensorBoard summaries (losses, learning rate,
+mAP, per-class AP, test images with their predicted boxes) and, at the end, `results.json` with the
+per-class AP and the trunk's provenance.
 """
 
 import dataclasses
-import json
 import logging
 import math
 import os
@@ -18,13 +19,16 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from tf_mtssl import checkpoints
 from tf_mtssl import metrics
 from tf_mtssl import preprocessing
 from tf_mtssl.detection.model import LASSO_ROW, FasterRCNN
+from tf_mtssl.evaluation import common
 
 log = logging.getLogger(__name__)
 
-RESULTS_FILE = "detection_results.json"
+RESULTS_FILE = common.RESULTS_FILE
+EVALUATION = "detection"
 
 
 def _field(default, help_text: str):
@@ -177,7 +181,7 @@ def _json_float(x: float):
 
 
 def finetune(detector: FasterRCNN, train_ds: tf.data.Dataset, eval_ds: Optional[tf.data.Dataset],
-             class_names: List[str], output_dir: str, config: FinetuneConfig,
+             class_names: List[str], output_dir: str, config: FinetuneConfig, trunk_source: Dict,
              run_info: Optional[dict] = None) -> Dict[str, object]:
   """Trains to `config.train_steps` (resuming from `output_dir`), evaluates, writes the results.
 
@@ -186,15 +190,18 @@ def finetune(detector: FasterRCNN, train_ds: tf.data.Dataset, eval_ds: Optional[
     train_ds: infinite batched training data (`data.train_dataset`).
     eval_ds: finite batched test data (`data.eval_dataset`), or None to skip evaluation.
     class_names: names of the detector's classes (label order).
-    output_dir: checkpoints, `train/` and `eval/` TensorBoard logs, `detection_results.json`.
+    output_dir: checkpoints, `train/` and `eval/` TensorBoard logs, `results.json`. Resumed only
+      if it was made from the same trunk source (else ValueError, nothing changed).
     config: optimisation settings.
-    run_info: recorded in the results file (e.g. the flags and the trunk's origin).
+    trunk_source: the provenance of the detector's trunk (`common.load_trunk`).
+    run_info: more entries of the results file (data, splits, input settings).
   Returns:
     {"mAP", "AP" {class: value}, "step", "train_images_per_sec", ...} (also written as JSON).
   """
   if len(class_names) != detector.config.num_classes:
     raise ValueError(f"{len(class_names)} class names for a detector of {detector.config.num_classes} classes")
-  os.makedirs(output_dir, exist_ok=True)
+  common.warn_unreached_boundaries(config.lr_decay_steps, config.train_steps, flag="lr_decay_steps")
+  common.claim_output_dir(output_dir, EVALUATION, trunk_source)
   optimizer = make_optimizer(config)
   if detector.lasso is not None and not detector.lasso.built:
     detector.lasso.build(None)
@@ -202,9 +209,10 @@ def finetune(detector: FasterRCNN, train_ds: tf.data.Dataset, eval_ds: Optional[
   step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
   ckpt = tf.train.Checkpoint(detector=detector, optimizer=optimizer, step=step)
   manager = tf.train.CheckpointManager(ckpt, output_dir, max_to_keep=config.keep_checkpoints)
-  if manager.latest_checkpoint:
-    ckpt.restore(manager.latest_checkpoint).assert_existing_objects_matched()
-    log.info("Restored %s (step %d)", manager.latest_checkpoint, int(step))
+  restored = checkpoints.read_checkpoint(
+      lambda prefix: ckpt.read(prefix).assert_existing_objects_matched(), output_dir)
+  if restored:
+    log.info("Restored %s (step %d)", restored, int(step))
   train_writer = tf.summary.create_file_writer(os.path.join(output_dir, "train"))
   eval_writer = tf.summary.create_file_writer(os.path.join(output_dir, "eval"))
   train_step = make_train_step(detector, optimizer, train_ds.element_spec, config.weight_decay)
@@ -273,65 +281,15 @@ def finetune(detector: FasterRCNN, train_ds: tf.data.Dataset, eval_ds: Optional[
       "final_losses": last_losses,
       "finetune_config": dataclasses.asdict(config),
       "detector_config": dataclasses.asdict(detector.config),
-      "run_info": run_info or {},
+      **(run_info or {}),
   }
-  tmp = os.path.join(output_dir, RESULTS_FILE + ".tmp")
-  with open(tmp, "w") as f:
-    json.dump(summary, f, indent=2, sort_keys=True, default=str)
-  os.replace(tmp, os.path.join(output_dir, RESULTS_FILE))
+  common.write_results(output_dir, EVALUATION, trunk_source, summary)
   train_writer.flush()
   eval_writer.flush()
   return summary
 
 
 # ---- wiring (what the binary calls) ----------------------------------------------------------------
-TRUNK_INITS = ("pretrained", "random")
-
-
-def load_trunk(init: str = "pretrained", model_dir: str = "", checkpoint: str = "", trunk_keras: str = "",
-               trunk_config: Optional[dict] = None) -> Tuple[keras.Model, dict]:
-  """The detector's trunk and a description of where it came from.
-
-  Args:
-    init: `pretrained` (from `model_dir`, a pretraining run, or `trunk_keras`, an exported trunk) or
-      `random` (a fresh `build_trunk(**trunk_config)`: the "Random Init" baseline, paper_spec 7.4).
-    model_dir: pretraining run directory (`tf_mtssl.checkpoints.restore_trunk`).
-    checkpoint: optional checkpoint prefix inside `model_dir` (default: its latest).
-    trunk_keras: a `trunk.keras` file, or an export directory (`tf_mtssl.export_lib.load_keras_trunk`).
-    trunk_config: architecture of a random trunk (`tf_mtssl.trunk.trunk_config` keys).
-  """
-  from tf_mtssl import checkpoints
-  from tf_mtssl import trunk as trunk_lib
-  if init not in TRUNK_INITS:
-    raise ValueError(f"init must be one of {TRUNK_INITS}, got {init!r}")
-  if init == "random":
-    if model_dir or trunk_keras:
-      raise ValueError("--init=random ignores --model_dir/--trunk_keras: pass one or the other")
-    config = trunk_lib.trunk_config(**(trunk_config or {}))
-    return trunk_lib.build_trunk(**config), {"init": "random", "trunk": config}
-  if bool(model_dir) == bool(trunk_keras):
-    raise ValueError("--init=pretrained needs exactly one of --model_dir (a pretraining run) or "
-                     "--trunk_keras (an exported trunk); use --init=random for a random trunk")
-  if model_dir:
-    trunk = checkpoints.restore_trunk(model_dir, checkpoint or None)
-    return trunk, {"init": "pretrained", "model_dir": os.path.abspath(model_dir),
-                   "checkpoint": checkpoints.resolve_checkpoint(model_dir, checkpoint or None),
-                   "trunk": checkpoints.load_run_config(model_dir)["trunk"]}
-  if os.path.isfile(trunk_keras):
-    from tf_mtssl import lasso  # noqa: F401  (registers the project's custom layers)
-    trunk = keras.models.load_model(trunk_keras, compile=False)
-  elif os.path.isdir(trunk_keras):
-    from tf_mtssl import export_lib
-    trunk = export_lib.load_keras_trunk(trunk_keras)
-  else:
-    raise FileNotFoundError(f"--trunk_keras {trunk_keras} is neither a .keras file nor an export directory")
-  outputs = trunk.output if isinstance(trunk.output, dict) else {}
-  if "block3" not in outputs or "units" not in outputs:
-    raise ValueError(f"{trunk_keras} is not a tf_mtssl trunk: its outputs must be a dict with 'block3' "
-                     f"and 'units', got {type(trunk.output).__name__}")
-  return trunk, {"init": "pretrained", "trunk_keras": os.path.abspath(trunk_keras)}
-
-
 def make_lasso(mode: str, trunk: keras.Model, l1: float, model_dir: str = ""):
   """The detection row's lasso layer for `--lasso=eval|both` (paper_spec 5, table 4), else None.
 

@@ -45,6 +45,7 @@ from tf_mtssl import trunk as trunk_lib
 from tf_mtssl.evaluation import common
 
 _AUTOTUNE = tf.data.AUTOTUNE
+EVALUATION = "depth"
 OPTIMIZERS = ("sgd", "adam")
 BERHU_C_FRACTION = 0.2  # Laina et al.: c = 0.2 * max |residual| of the batch
 
@@ -210,6 +211,7 @@ class DepthTrainer:
 
   def __init__(self, network: DepthNetwork, config: DepthConfig):
     self.network, self.config = network, config
+    common.warn_unreached_boundaries(config.lr_boundaries, config.train_steps)
     self.optimizer = make_optimizer(config)
     self.skipped_train_batches = 0
 

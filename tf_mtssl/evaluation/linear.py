@@ -45,6 +45,7 @@ from tf_mtssl.export_lib import pool_to_grid
 from tf_mtssl.tasks.base import NUM_CORRUPT_KEY
 
 _AUTOTUNE = tf.data.AUTOTUNE
+EVALUATION = "linear"
 FEATURE_NORMS = ("batchnorm", "none")
 
 
@@ -143,6 +144,29 @@ class LinearProbe:
     return None if self.lasso is None else self.lasso.alpha(common.EVAL_LASSO_ROW).numpy()
 
 
+def block3_side(trunk: keras.Model, image_size: int) -> int:
+  """Side of block 3 for image_size x image_size inputs (shape inference only, nothing is run)."""
+  return int(trunk.compute_output_spec(keras.KerasTensor((1, image_size, image_size, 3)))["block3"].shape[1])
+
+
+def check_grid_fits(trunk: keras.Model, image_size: int, grid: int) -> None:
+  """Raises ValueError unless block 3 of image_size crops has at least grid x grid cells: pooling a
+  smaller map to the grid would copy cells (paper_spec 7.1 reads a 3x3 grid of distinct regions)."""
+  side = block3_side(trunk, image_size)
+  if side >= grid:
+    return
+  smallest = image_size
+  while block3_side(trunk, smallest) < grid:
+    smallest *= 2
+  low = smallest // 2
+  while low + 1 < smallest:  # the first size in (low, smallest] whose block 3 fits
+    mid = (low + smallest) // 2
+    low, smallest = (low, mid) if block3_side(trunk, mid) >= grid else (mid, smallest)
+  raise ValueError(f"--image_size={image_size} gives a {side}x{side} block 3, smaller than the "
+                   f"{grid}x{grid} grid of the linear evaluation (paper_spec 7.1); use --image_size >= "
+                   f"{smallest} for this trunk")
+
+
 def pooled_features(trunk: keras.Model, images: tf.Tensor, grid: int, per_unit: bool) -> tf.Tensor:
   """RGB [B, H, W, 3] in [0, 255] -> frozen-trunk features pooled to [B, g, g, C] (block 3) or
   [B, N, g, g, C] (every block-3 unit, for the eval lasso)."""
@@ -206,7 +230,10 @@ class ProbeTrainer:
   """Trains and evaluates a `LinearProbe` on a frozen trunk."""
 
   def __init__(self, trunk: keras.Model, num_classes: int, config: ProbeConfig):
+    """Raises ValueError if block 3 of `config.image_size` crops is smaller than the grid."""
     self.trunk, self.config = trunk, config
+    check_grid_fits(trunk, config.image_size, config.grid)
+    common.warn_unreached_boundaries(config.lr_boundaries, config.train_steps)
     self.probe = LinearProbe(num_classes, common.num_units(trunk), common.feature_channels(trunk),
                              grid=config.grid, feature_norm=config.feature_norm,
                              lasso_l1=config.lasso_l1, weight_decay=config.weight_decay, seed=config.seed)

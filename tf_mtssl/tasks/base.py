@@ -55,6 +55,11 @@ class Task(abc.ABC):
     self.image_size = int(image_size)
     self.harmonize = bool(harmonize)
 
+  def require(self, field: str, ok: bool, requirement: str) -> None:
+    """Raises ValueError naming the option (by its flag, --<task>_<field>), its limit and its value."""
+    if not ok:
+      raise ValueError(f"--{self.name}_{field} must be {requirement}, got {getattr(self.options, field)!r}")
+
   # ---- input pipeline -------------------------------------------------------------------------
   @abc.abstractmethod
   def build_dataset(self, data: str, batch_size: int, *, seed: int = 0,

@@ -251,14 +251,15 @@ class ColorizationTask(Task):
     o = self.options
     if self.image_size % TARGET_STRIDE:
       raise ValueError(f"col needs image_size divisible by {TARGET_STRIDE}, got {self.image_size}")
-    if o.head_width < 1 or o.upsample_width < 1:
-      raise ValueError(f"col head widths must be >= 1, got {o.head_width}, {o.upsample_width}")
-    if not 1 <= o.num_neighbors <= NUM_BINS or o.sigma <= 0:
-      raise ValueError(f"col needs 1 <= num_neighbors <= {NUM_BINS} and sigma > 0, got {o}")
-    if not 0.0 < o.rebalance_lambda <= 1.0:
-      raise ValueError(f"col rebalance_lambda must be in (0, 1], got {o.rebalance_lambda}")
-    if o.gray_threshold < 0 or o.temperature <= 0 or not 0.0 < o.min_crop_scale <= 1.0:
-      raise ValueError(f"Bad col options: {o}")
+    self.require("head_width", o.head_width >= 1, ">= 1")
+    self.require("upsample_width", o.upsample_width >= 1, ">= 1")
+    self.require("num_neighbors", 1 <= o.num_neighbors <= NUM_BINS, f"in [1, {NUM_BINS}] (the ab bins)")
+    self.require("sigma", o.sigma > 0, "> 0")
+    self.require("rebalance_lambda", 0.0 < o.rebalance_lambda <= 1.0, "in (0, 1]")
+    self.require("gray_threshold", o.gray_threshold >= 0, ">= 0")
+    self.require("temperature", o.temperature > 0, "> 0")
+    self.require("min_crop_scale", 0.0 < o.min_crop_scale <= 1.0, "in (0, 1]")
+    self.require("prior_num_images", o.prior_num_images >= 1, ">= 1")
     self._priors: Dict[Tuple[str, Optional[str]], np.ndarray] = {}
 
   @property

@@ -57,14 +57,11 @@ class ExemplarTask(Task):
   def __init__(self, options: Optional[ExemplarOptions] = None, **kwargs):
     super().__init__(options, **kwargs)
     o = self.options
-    if o.views < 2:
-      raise ValueError(f"ex views must be >= 2 (a view needs a positive), got {o.views}")
-    if o.embedding_dim < 1:
-      raise ValueError(f"ex embedding_dim must be >= 1, got {o.embedding_dim}")
-    if o.margin < 0:
-      raise ValueError(f"ex margin must be >= 0, got {o.margin}")
-    if o.distance not in losses.DISTANCES:
-      raise ValueError(f"ex distance must be one of {losses.DISTANCES}, got {o.distance!r}")
+    self.require("views", o.views >= 2, ">= 2 (a view needs a positive)")
+    self.require("embedding_dim", o.embedding_dim >= 1, ">= 1")
+    self.require("margin", o.margin >= 0, ">= 0")
+    self.require("distance", o.distance in losses.DISTANCES, f"one of {losses.DISTANCES}")
+    self.require("seed_crop_fraction", 0.0 < o.seed_crop_fraction <= 1.0, "in (0, 1]")
     self.augmentation = augment.ExemplarAugmentation(seed_crop_fraction=o.seed_crop_fraction)
 
   # ---- input pipeline -------------------------------------------------------------------------

@@ -38,13 +38,23 @@ class MotionSegmentationOptions:
       "help": "Random square crops cover this fraction of the shorter side, or more."})
 
 
+_MASKS_HOWTO = ("ms reads motion-mask TFRecords made from videos by `python -m tf_mtssl.make_motion_masks "
+                "--videos=VIDEOS --output_dir=MASKS` (paper_spec 3.4); give them to ms with "
+                "--task_data=ms=MASKS (or --data=MASKS when training ms alone)")
+
+
 def mask_shards(data: str):
   """Shard files of a mask source spec ('embedded', a folder of shards, a file or glob)."""
   if data == "embedded":
     return motion_masks.list_shards(str(embedded.require(embedded.motion_masks_dir())))
+  if data.startswith("tfds:"):
+    raise ValueError(f"{_MASKS_HOWTO}; got the image dataset {data!r}, which holds no motion masks.")
   if os.path.isdir(data):
     return motion_masks.list_shards(data)
-  return sources.list_tfrecord_files(data)
+  try:
+    return sources.list_tfrecord_files(data)
+  except FileNotFoundError as e:
+    raise FileNotFoundError(f"{e}. {_MASKS_HOWTO}.") from e
 
 
 class MotionSegmentationTask(Task):
@@ -53,12 +63,11 @@ class MotionSegmentationTask(Task):
 
   def __init__(self, options: Optional[MotionSegmentationOptions] = None, **kwargs):
     super().__init__(options, **kwargs)
-    if self.options.predict_stride not in (8, 16):
-      raise ValueError(f"ms predict_stride must be 8 or 16, got {self.options.predict_stride}")
+    self.require("predict_stride", self.options.predict_stride in (8, 16), "8 or 16")
+    self.require("head_width", self.options.head_width >= 1, ">= 1")
+    self.require("min_crop_scale", 0 < self.options.min_crop_scale <= 1, "in (0, 1]")
     if self.image_size % 16:
-      raise ValueError(f"ms needs image_size divisible by 16 (the trunk stride), got {self.image_size}")
-    if not 0 < self.options.min_crop_scale <= 1:
-      raise ValueError(f"ms min_crop_scale must be in (0, 1], got {self.options.min_crop_scale}")
+      raise ValueError(f"ms needs --image_size divisible by 16 (the trunk stride), got {self.image_size}")
 
   @property
   def target_size(self) -> int:
@@ -79,8 +88,8 @@ class MotionSegmentationTask(Task):
       ds = ds.shard(input_context.num_input_pipelines, input_context.input_pipeline_id)
     ds = ds.interleave(tf.data.TFRecordDataset, cycle_length=min(4, len(files)),
                        num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    ds = ds.shuffle(1024, seed=seed).repeat()
-    ds = sources.decode_skipping_errors(ds, motion_masks.parse_example)
+    ds = sources.shuffle_repeat_decode(ds, motion_masks.parse_example, seed=seed, shuffle_buffer=1024,
+                                       description=f"motion-mask TFRecords {data}", unit="records")
     ds = sources.with_element_seeds(ds, seed).map(self.example_from_record,
                                                   num_parallel_calls=tf.data.AUTOTUNE)
     return ds.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)

@@ -159,10 +159,15 @@ class RelativePositionTask(Task):
   def __init__(self, options: Optional[RelativePositionOptions] = None, **kwargs):
     super().__init__(options, **kwargs)
     o = self.options
-    if o.patch_size < 16 or o.gap < 0 or o.jitter < 0 or not 0 <= o.pixelation_prob <= 1:
-      raise ValueError(f"Bad relative-position options: {o}")
-    if o.min_pixels <= 0 or o.max_pixels < o.min_pixels:
-      raise ValueError(f"rp min_pixels/max_pixels must satisfy 0 < min <= max, got {o}")
+    self.require("patch_size", o.patch_size >= 16, ">= 16 (one block-3 cell at output stride 16)")
+    self.require("gap", o.gap >= 0, ">= 0")
+    self.require("jitter", o.jitter >= 0, ">= 0")
+    self.require("pixelation_prob", 0 <= o.pixelation_prob <= 1, "in [0, 1]")
+    self.require("min_pixels", o.min_pixels > 0, "> 0")
+    self.require("max_pixels", o.max_pixels >= o.min_pixels, f">= --rp_min_pixels ({o.min_pixels})")
+    self.require("reduce_channels", o.reduce_channels >= 1, ">= 1")
+    self.require("hidden", o.hidden >= 1, ">= 1")
+    self.require("rms_scale", o.rms_scale > 0, "> 0")
 
   def preprocess_patches(self, patches: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
     """float [N, P, P, 3] in [0, 255] -> trunk-ready patches."""
