@@ -62,7 +62,7 @@ import numpy as np
 import tensorflow as tf
 from tqdm import tqdm
 
-from tf_mtssl import checkpoints, distribute, run_lock
+from tf_mtssl import checkpoints, distribute, preprocessing, run_lock
 from tf_mtssl import optimizer as optimizer_lib
 from tf_mtssl.data import sources
 from tf_mtssl.model import MultiTaskModel
@@ -366,6 +366,8 @@ class Trainer:
         "image_size": next(iter(self.tasks.values())).image_size,
         "harmonize": next(iter(self.tasks.values())).harmonize,
         "lasso": lasso_l1, "data": self.data, "train": dataclasses.asdict(config),
+        # The tasks feed the trunk VGG-normalised RGB (paper_spec 2.2); consumers read it from here.
+        checkpoints.PREPROCESSING_KEY: preprocessing.DEFAULT_CONVENTION,
         **(run_config_extra or {}),
     }
     checkpoints.check_compatible(model_dir, self.run_config)
