@@ -166,6 +166,35 @@ def test_config_rejects_bad_values():
     model_lib.DetectorConfig(crop_size=7)
 
 
+@pytest.mark.parametrize("trunk_bn", ["frozen", "train"])
+def test_trunk_batch_norm_frozen_by_default_or_trained(tmp_path, trunk_bn):
+  """Frozen (the default): after training steps the trunk's BN moving statistics and gamma/beta are
+  bit-identical while its convolutions moved; 'train' changes all of them."""
+  assert model_lib.DetectorConfig().trunk_bn == "frozen"
+  scenes = detection_set.make_detection_set(
+      skimage_photos(), class_photos=("astronaut", "coffee", "chelsea"),
+      options=detection_set.DetectionSetOptions(image_size=64, num_train=2, num_test=0, seed=1))
+  examples, names = data_lib.raw_examples("embedded", "train", embedded_set=scenes)
+  detector = tiny_detector(anchor_scales=(16.0, 32.0), trunk_bn=trunk_bn)
+  norms = detector.trunk_batch_norms()
+  assert norms and all(layer.trainable == (trunk_bn == "train") for layer in norms)
+  trainable = {id(v) for v in detector.trainable_variables}
+  assert all((id(w) in trainable) == (trunk_bn == "train") for layer in norms for w in (layer.gamma, layer.beta))
+  before = {w.path: w.numpy().copy() for layer in norms for w in layer.weights}
+  kernel = detector.trunk.get_layer("block1_unit1_conv1").kernel
+  kernel_before = kernel.numpy().copy()
+  config = train_lib.FinetuneConfig(train_steps=3, checkpoint_every=10, log_every=1, warmup_steps=0,
+                                    lr_decay_steps=(), learning_rate=0.01)
+  train_lib.finetune(detector, data_lib.train_dataset(examples, data_lib.InputConfig(
+      min_side=64, max_side=64, batch_size=2)), None, names, str(tmp_path), config)
+  assert not np.array_equal(kernel.numpy(), kernel_before)          # the trunk is fine-tuned
+  after = {w.path: w.numpy() for layer in norms for w in layer.weights}
+  kinds = ("gamma", "beta", "moving_mean", "moving_variance")
+  for kind in kinds:
+    changed = [p for p in before if p.endswith(kind) and not np.array_equal(before[p], after[p])]
+    assert (len(changed) > 0) == (trunk_bn == "train"), (kind, changed[:3])
+
+
 def test_block4_is_fresh_and_scaled_by_the_trunk_width():
   detector = tiny_detector()
   out = detector.box_classifier.get_layer("block4_unit3_out").output
