@@ -68,6 +68,7 @@ class ProbeConfig:
   augment: bool = False
   cache_features: bool = True
   lasso_l1: Optional[float] = None             # None: no eval-time lasso
+  preprocessing: str = preprocessing.DEFAULT_CONVENTION  # the trunk's recorded input convention
   eval_every: int = 0
   log_every: int = 100
   seed: int = 0
@@ -83,6 +84,7 @@ class ProbeConfig:
       raise ValueError(f"lasso l1 must be >= 0, got {self.lasso_l1}")
     if self.weight_decay < 0:
       raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+    preprocessing.check_convention(self.preprocessing)
 
   @property
   def uses_cache(self) -> bool:
@@ -167,10 +169,11 @@ def check_grid_fits(trunk: keras.Model, image_size: int, grid: int) -> None:
                    f"{smallest} for this trunk")
 
 
-def pooled_features(trunk: keras.Model, images: tf.Tensor, grid: int, per_unit: bool) -> tf.Tensor:
+def pooled_features(trunk: keras.Model, images: tf.Tensor, grid: int, per_unit: bool,
+                    convention: str = preprocessing.DEFAULT_CONVENTION) -> tf.Tensor:
   """RGB [B, H, W, 3] in [0, 255] -> frozen-trunk features pooled to [B, g, g, C] (block 3) or
-  [B, N, g, g, C] (every block-3 unit, for the eval lasso)."""
-  out = trunk(preprocessing.rgb_to_trunk_input(images), training=False)
+  [B, N, g, g, C] (every block-3 unit, for the eval lasso); `convention`: the trunk's input one."""
+  out = trunk(preprocessing.rgb_to_trunk_input(images, convention), training=False)
   if per_unit:
     pooled = tf.stack([pool_to_grid(u, grid) for u in out["units"]], axis=1)
   else:
@@ -199,10 +202,10 @@ def image_batches(source: classification_set.ClassificationSource, split: str, c
   return ds.batch(batch_size, drop_remainder=train).prefetch(_AUTOTUNE)
 
 
-def extract_features(trunk: keras.Model, batches: Iterable, grid: int,
-                     per_unit: bool) -> Tuple[np.ndarray, np.ndarray, int]:
+def extract_features(trunk: keras.Model, batches: Iterable, grid: int, per_unit: bool,
+                     convention: str = preprocessing.DEFAULT_CONVENTION) -> Tuple[np.ndarray, np.ndarray, int]:
   """(pooled features [M, ...], labels [M], images skipped as unreadable) of one pass."""
-  fn = tf.function(lambda images: pooled_features(trunk, images, grid, per_unit), autograph=False)
+  fn = tf.function(lambda images: pooled_features(trunk, images, grid, per_unit, convention), autograph=False)
   feats, labels, corrupt = [], [], 0
   for images, batch_labels, num_corrupt in batches:
     feats.append(fn(images).numpy())
@@ -268,7 +271,7 @@ class ProbeTrainer:
 
   @tf.function(autograph=False)
   def train_step_images(self, images, labels):
-    return self._apply(pooled_features(self.trunk, images, self.config.grid, self.probe.per_unit), labels)
+    return self._apply(self._pool(images), labels)
 
   @tf.function(autograph=False)
   def _eval_pooled(self, pooled, labels):
@@ -278,7 +281,7 @@ class ProbeTrainer:
 
   @tf.function(autograph=False)
   def _pool(self, images):
-    return pooled_features(self.trunk, images, self.config.grid, self.probe.per_unit)
+    return pooled_features(self.trunk, images, self.config.grid, self.probe.per_unit, self.config.preprocessing)
 
   # ---- evaluation -----------------------------------------------------------------------------
   def evaluate(self, eval_data) -> Dict[str, float]:
@@ -310,10 +313,10 @@ class ProbeTrainer:
     if cfg.uses_cache:
       feats, labels, corrupt["train"] = extract_features(
           self.trunk, image_batches(source, train_split, cfg, False, cfg.eval_batch_size), cfg.grid,
-          self.probe.per_unit)
+          self.probe.per_unit, cfg.preprocessing)
       eval_feats, eval_labels, corrupt["eval"] = extract_features(
           self.trunk, image_batches(source, eval_split, cfg, False, cfg.eval_batch_size), cfg.grid,
-          self.probe.per_unit)
+          self.probe.per_unit, cfg.preprocessing)
       eval_data = (eval_feats, eval_labels)
       sampler = _EpochSampler(len(labels), cfg.seed)
       logging.info("Cached pooled features: train %s, eval %s (%.1f s)", feats.shape, eval_feats.shape,
