@@ -52,7 +52,9 @@ flags.DEFINE_boolean("cache_features", True, "Compute the frozen trunk's pooled 
 flags.DEFINE_integer("grid", 3, "Block 3 is average-pooled to grid x grid (paper_spec 7.1: 3).")
 flags.DEFINE_enum("feature_norm", "batchnorm", list(linear.FEATURE_NORMS),
                   "batchnorm: standardise features by batch norm without affine before the linear "
-                  "layer [I]; none: raw features.")
+                  "layer [I] (a departure from paper_spec 7.1, because block 3's scale differs by "
+                  "orders of magnitude between trunks; see flags/linear_imagenet.cfg); none: the "
+                  "paper's plain linear probe on raw features.")
 flags.DEFINE_integer("batch_size", 256, "Training batch (paper_spec 7.1 [I]: 256-2048).")
 flags.DEFINE_integer("eval_batch_size", 256, "Batch of feature extraction and evaluation.")
 flags.DEFINE_integer("train_steps", 2000, "SGD steps (paper_spec 7.1 [I]: 85000 on ImageNet).")
