@@ -405,6 +405,13 @@ def test_binary_runs_on_the_embedded_set_and_never_resumes_another_trunks_folder
   proc = run("--init=random", f"--model_dir={tmp_path / 'run'}")
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "mAP (VOC07 11-point)" in proc.stdout
+  # The resolved configuration: a few readable lines, not a JSON dump.
+  lines = proc.stdout.splitlines()
+  start = next(i for i, line in enumerate(lines) if line.startswith("Detection fine-tuning"))
+  end = next(i for i, line in enumerate(lines[start + 1:], start + 1) if not line.startswith("  "))
+  block = "\n".join(lines[start:end])
+  assert end - start <= 10 and "trunk_bn=frozen" in block and "{" not in block, block
+  helpers.assert_progress_bar(proc.stderr, 2)
   results = json.loads((out / common.RESULTS_FILE).read_text())
   assert results["step"] == 2 and results["num_test_images"] == 2
   assert set(results["AP"]) == set(results["class_names"]) == {"apple", "butterfly", "chelsea"}

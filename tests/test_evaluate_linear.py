@@ -184,6 +184,7 @@ def test_binary_writes_results_json_of_what_was_used_and_keeps_its_folder_to_one
   assert result["eval_split"] == "val" and result["num_classes"] == 3
   assert "flags" not in result and '"depth": 101' not in text and '"base_width": 64' not in text
   assert "top1=" in run.stdout and "chance top1=0.3333" in run.stdout
+  helpers.assert_progress_bar(run.stderr, 5)
   # Another trunk (seed 1) into the same folder: refused, naming both; the results stay the first's.
   again = _run_binary(*args, "--seed=1")
   assert again.returncode == 2 and "Traceback" not in again.stderr

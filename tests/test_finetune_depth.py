@@ -133,6 +133,7 @@ def test_binary_trains_the_eval_lasso_row_on_the_embedded_pairs(tmp_path):
   assert alpha.shape == (2,) and not np.allclose(alpha, [0.0, 1.0])  # trained away from its init
   assert result["final_train"]["lasso_l1"] > 0
   assert "per_image_mean: delta1=" in run.stdout and "pooled: delta1=" in run.stdout
+  helpers.assert_progress_bar(run.stderr, 3)
 
 
 def test_nyu_tfds_source_trains_on_crops_and_tests_at_full_resolution_offline(tmp_path):

@@ -11,6 +11,8 @@ trunk's provenance; an --output_dir made from another trunk source is refused). 
 `tf_mtssl.evaluation.depth` (network, loss) and `tf_mtssl.data.depth_sources` (data, splits).
 """
 
+from tf_mtssl import quiet  # noqa: F401  (first: silences TensorFlow's start-up noise)
+
 import dataclasses
 import logging
 import os
@@ -75,6 +77,7 @@ flags.DEFINE_string("output_dir", "runs/finetune_depth", "TensorBoard summaries 
                     "reused only by the same trunk source.")
 flag_utils.define_trunk_flags()
 flag_utils.define_lasso_flags()
+flag_utils.define_progress_flag()
 
 
 def _eval_crop(values):
@@ -105,7 +108,7 @@ def main(argv):
       lr_boundaries=tuple(int(b) for b in FLAGS.lr_boundaries), lr_decay=FLAGS.lr_decay,
       momentum=FLAGS.momentum, weight_decay=FLAGS.weight_decay, clipnorm=FLAGS.clipnorm,
       berhu_c=FLAGS.berhu_c, max_depth=FLAGS.max_depth, eval_every=FLAGS.eval_every,
-      log_every=FLAGS.log_every, seed=FLAGS.seed)
+      log_every=FLAGS.log_every, seed=FLAGS.seed, progress_bar=FLAGS.progress_bar)
   network = depth.DepthNetwork(
       trunk, num_upprojections=FLAGS.decoder_upprojections, width=FLAGS.decoder_width,
       lasso_l1=FLAGS.lasso_l1 if flag_utils.lasso_applies(FLAGS.lasso, "eval") else None)

@@ -13,8 +13,9 @@ The detector, input and optimisation flags are the fields of DetectorConfig, Inp
 FinetuneConfig (tf_mtssl.detection), with their defaults and help.
 """
 
+from tf_mtssl import quiet  # noqa: F401  (first: silences TensorFlow's start-up noise)
+
 import dataclasses
-import json
 import logging
 import os
 import typing
@@ -115,10 +116,18 @@ def main(argv):
   run_info = {"data": FLAGS.data, "train_split": train_split,
               "test_split": FLAGS.test_split, "lasso": FLAGS.lasso, "class_names": class_names,
               "input_config": dataclasses.asdict(input_config)}
-  # Print the protocol into the log (design notes: unstated protocol details cause reproduction gaps).
-  logging.info("Detection protocol:\n%s", json.dumps(
-      {"finetune": dataclasses.asdict(finetune_config), "detector": dataclasses.asdict(detector_config),
-       "trunk": trunk_info, **run_info}, indent=1, default=str))
+  # Print the protocol (design notes: unstated protocol details cause reproduction gaps): a few lines
+  # a person reads; every value is in the results file.
+  print(flag_utils.format_lines(
+      f"Detection fine-tuning (paper_spec 7.2); every setting is recorded in {train_lib.RESULTS_FILE}", [
+          ("trunk", common.describe_source(trunk_info)),
+          ("data", f"{FLAGS.data}: train split {train_split!r}, test split {FLAGS.test_split!r}, "
+                   f"{len(class_names)} classes; lasso {FLAGS.lasso}"),
+          ("input", flag_utils.describe_config(input_config, always=("min_side", "max_side", "batch_size"))),
+          ("detector", flag_utils.describe_config(detector_config, always=("trunk_bn", "anchor_scales"))),
+          ("training", flag_utils.describe_config(finetune_config, always=(
+              "train_steps", "learning_rate", "lr_decay_steps"))),
+      ]), flush=True)
   results = train_lib.finetune(
       detector,
       data_lib.train_dataset(train_examples, input_config, seed=finetune_config.seed),

@@ -6,10 +6,12 @@ applies), oneDNN and CPU-feature notices, and on a machine without a GPU driver 
 cuda_platform.cc ... failed call to cuInit`. Unless the user set `TF_CPP_MIN_LOG_LEVEL` (then nothing
 is changed: `TF_CPP_MIN_LOG_LEVEL=0` shows everything), this sets it to 2 (warnings and info hidden,
 errors shown) and imports TensorFlow and initialises its devices with the process's stderr (file
-descriptor 2) pointed at /dev/null, restoring it right after; Python exceptions raised meanwhile
-still reach the user, as they propagate after the restore.
+descriptor 2) pointed at /dev/null, restoring it right after (Python exceptions raised meanwhile
+still reach the user: they propagate after the restore), and drops the INFO lines TensorFlow's own
+Python code logs.
 """
 
+import logging
 import os
 import sys
 
@@ -34,7 +36,15 @@ def silence_tf_startup() -> bool:
     os.dup2(saved, 2)
     os.close(saved)
     os.close(devnull)
+  # TF's own Python INFO lines (checkpoint sharding timings, ...), logged through absl's and TF's
+  # loggers whose levels absl resets when it parses --verbosity: a filter stays.
+  for name in ("absl", "tensorflow"):
+    logging.getLogger(name).addFilter(_drop_tensorflow_info)
   return True
+
+
+def _drop_tensorflow_info(record: logging.LogRecord) -> bool:
+  return record.levelno >= logging.WARNING or f"{os.sep}tensorflow{os.sep}" not in record.pathname
 
 
 silence_tf_startup()

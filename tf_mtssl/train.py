@@ -60,9 +60,8 @@ from typing import Dict, List, Optional, Tuple
 import keras
 import numpy as np
 import tensorflow as tf
-from tqdm import tqdm
 
-from tf_mtssl import checkpoints, distribute, preprocessing, run_lock
+from tf_mtssl import checkpoints, distribute, preprocessing, progress, run_lock
 from tf_mtssl import optimizer as optimizer_lib
 from tf_mtssl.data import sources
 from tf_mtssl.model import MultiTaskModel
@@ -649,8 +648,7 @@ class Trainer:
     image_iterators = None
     writer = tf.summary.create_file_writer(os.path.join(self.write_dir, "train"))
     last: Dict[str, Dict[str, float]] = {}
-    bar = tqdm(total=cfg.train_steps, initial=start, disable=not (cfg.progress_bar and self.chief),
-               unit="step", dynamic_ncols=True)
+    bar = progress.bar(total=cfg.train_steps, initial=start, enabled=cfg.progress_bar and self.chief)
     tick_time, tick_step = time.time(), start
     step = start
     stop.phase = "training"

@@ -46,6 +46,7 @@ from keras import layers
 
 from tf_mtssl import lasso as lasso_lib
 from tf_mtssl import metrics, preprocessing
+from tf_mtssl import progress as progress_lib
 from tf_mtssl import trunk as trunk_lib
 from tf_mtssl.evaluation import common
 
@@ -190,6 +191,7 @@ class DepthConfig:
   eval_every: int = 0
   log_every: int = 50
   seed: int = 0
+  progress_bar: bool = True                     # tqdm bars of training and evaluation
 
   def __post_init__(self):
     for name in ("train_steps", "batch_size", "eval_batch_size"):
@@ -269,23 +271,25 @@ class DepthTrainer:
     """
     accumulator = metrics.DepthMetricAccumulator()
     skipped, batches, full, total = 0, 0, None, 0
-    for batch in dataset:
-      batches += 1
-      images, gt = batch["image"], batch["depth"]
-      mask = batch["mask"] if "mask" in batch else tf.ones(tf.shape(gt), tf.bool)
-      n_images = int(images.shape[0])
-      full = full or n_images
-      if n_images < full:  # pad a last, smaller batch (its padding is dropped): no second trace
-        pad = [[0, full - n_images]]
-        images = tf.pad(images, pad + [[0, 0]] * 3)
-        gt = tf.pad(gt, pad + [[0, 0]] * 2)
-        mask = tf.pad(mask, pad + [[0, 0]] * 2)
-      sums = {k: v.numpy()[:n_images] for k, v in self._test_sums(images, gt, mask).items()}
-      if sums["num_valid"].sum() == 0:
-        skipped += 1
-        continue
-      accumulator.add(sums)
-      total += int(sums["num_valid"].sum())
+    with progress_lib.bar(enabled=self.config.progress_bar, unit="img", desc="test", leave=False) as bar:
+      for batch in dataset:
+        batches += 1
+        images, gt = batch["image"], batch["depth"]
+        mask = batch["mask"] if "mask" in batch else tf.ones(tf.shape(gt), tf.bool)
+        n_images = int(images.shape[0])
+        full = full or n_images
+        if n_images < full:  # pad a last, smaller batch (its padding is dropped): no second trace
+          pad = [[0, full - n_images]]
+          images = tf.pad(images, pad + [[0, 0]] * 3)
+          gt = tf.pad(gt, pad + [[0, 0]] * 2)
+          mask = tf.pad(mask, pad + [[0, 0]] * 2)
+        sums = {k: v.numpy()[:n_images] for k, v in self._test_sums(images, gt, mask).items()}
+        bar.update(n_images)
+        if sums["num_valid"].sum() == 0:
+          skipped += 1
+          continue
+        accumulator.add(sums)
+        total += int(sums["num_valid"].sum())
     if total == 0:
       raise ValueError(f"No valid ground-truth pixel in the test split ({batches} batches, all skipped)")
     return {**accumulator.result(), "test_batches": batches, "skipped_test_batches": skipped}
@@ -298,16 +302,20 @@ class DepthTrainer:
     train_iter = iter(train_ds.batch(cfg.batch_size, drop_remainder=True).prefetch(_AUTOTUNE))
     test_batches = test_ds.batch(cfg.eval_batch_size).prefetch(_AUTOTUNE)
     start, history, out = time.time(), [], {}
-    with writer.as_default():
+    with writer.as_default(), progress_lib.bar(total=cfg.train_steps, enabled=cfg.progress_bar) as bar:
       for step in range(1, cfg.train_steps + 1):
         out = self.train_step(next(train_iter)) or out
+        bar.update(1)
         if step % cfg.log_every == 0 or step == cfg.train_steps:
           values = {k: float(v) for k, v in out.items()}
+          if values:  # {} while every batch so far was skipped
+            bar.set_postfix(loss=f"{values['loss']:.4f}", refresh=False)
           for k, v in values.items():
             tf.summary.scalar(f"train/{k}", v, step=step)
           tf.summary.scalar("train/skipped_batches", self.skipped_train_batches, step=step)
           tf.summary.scalar("train/learning_rate", float(self.optimizer.learning_rate), step=step)
-          logging.info("step %d: %s skipped=%d", step,
+          # DEBUG: the progress bar shows the loss; every value is in TensorBoard.
+          logging.debug("step %d: %s skipped=%d", step,
                        " ".join(f"{k}={v:.4f}" for k, v in sorted(values.items())), self.skipped_train_batches)
         if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.train_steps:
           result = self.evaluate(test_batches)
