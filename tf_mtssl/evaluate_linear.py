@@ -95,7 +95,7 @@ def main(argv):
       crop_fraction=FLAGS.crop_fraction, augment=FLAGS.augment, cache_features=FLAGS.cache_features,
       lasso_l1=FLAGS.lasso_l1 if flag_utils.lasso_applies(FLAGS.lasso, "eval") else None,
       eval_every=FLAGS.eval_every, log_every=FLAGS.log_every, seed=FLAGS.seed,
-      progress_bar=FLAGS.progress_bar)
+      progress_bar=FLAGS.progress_bar, preprocessing=common.input_convention(trunk_info))
   trainer = linear.ProbeTrainer(trunk, source.num_classes, config)
   common.claim_output_dir(FLAGS.output_dir, linear.EVALUATION, trunk_info)
   print(f"Linear evaluation (paper_spec 7.1) of {common.describe_source(trunk_info)}; data "

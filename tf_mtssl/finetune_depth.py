@@ -111,7 +111,8 @@ def main(argv):
       log_every=FLAGS.log_every, seed=FLAGS.seed, progress_bar=FLAGS.progress_bar)
   network = depth.DepthNetwork(
       trunk, num_upprojections=FLAGS.decoder_upprojections, width=FLAGS.decoder_width,
-      lasso_l1=FLAGS.lasso_l1 if flag_utils.lasso_applies(FLAGS.lasso, "eval") else None)
+      lasso_l1=FLAGS.lasso_l1 if flag_utils.lasso_applies(FLAGS.lasso, "eval") else None,
+      convention=common.input_convention(trunk_info))
   trainer = depth.DepthTrainer(network, config)
   common.claim_output_dir(FLAGS.output_dir, depth.EVALUATION, trunk_info)
   print(f"Depth fine-tuning (paper_spec 7.3) of {common.describe_source(trunk_info)}; data "
@@ -120,7 +121,8 @@ def main(argv):
                        summary_dir=FLAGS.output_dir)
   # Only what was used: the resolved settings, not the binary's flag defaults.
   result.update(data=source.describe(), lasso=FLAGS.lasso, config=dataclasses.asdict(config),
-                decoder={"upprojections": FLAGS.decoder_upprojections, "width": FLAGS.decoder_width})
+                decoder={"upprojections": FLAGS.decoder_upprojections, "width": FLAGS.decoder_width},
+                preprocessing=network.convention)
   path = common.write_results(FLAGS.output_dir, depth.EVALUATION, trunk_info, result)
   for aggregation in depth.AGGREGATIONS:
     print(f"{aggregation:>14s}: " + " ".join(f"{k}={result[aggregation][k]:.4f}"

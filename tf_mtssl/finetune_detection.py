@@ -51,7 +51,7 @@ flag_utils.define_trunk_flags()
 flag_utils.define_lasso_flags()
 
 _CONFIG_CLASSES = (model_lib.DetectorConfig, data_lib.InputConfig, train_lib.FinetuneConfig)
-_NOT_FLAGS = {"num_classes"}   # from the data
+_NOT_FLAGS = {"num_classes", "preprocessing"}   # from the data; from the trunk's source
 
 
 def _define_dataclass_flags(cls):
@@ -100,11 +100,12 @@ def main(argv):
   del argv
   logging.getLogger().setLevel(logging.INFO)
   finetune_config = _dataclass_from_flags(train_lib.FinetuneConfig)
-  input_config = _dataclass_from_flags(data_lib.InputConfig)
   keras.utils.set_random_seed(finetune_config.seed)
   trunk, trunk_info = common.load_trunk(
       FLAGS.init, model_dir=FLAGS.model_dir, checkpoint=FLAGS.checkpoint, trunk_keras=FLAGS.trunk_keras,
       trunk_config=flag_utils.trunk_config_from_flags(), seed=finetune_config.seed)
+  input_config = _dataclass_from_flags(data_lib.InputConfig,
+                                       preprocessing=common.input_convention(trunk_info))
   # The pretraining half of --lasso concerns a pretrained trunk only.
   lasso = train_lib.make_lasso(FLAGS.lasso, trunk, FLAGS.lasso_l1,
                                FLAGS.model_dir if FLAGS.init == "pretrained" else "")
@@ -123,7 +124,8 @@ def main(argv):
           ("trunk", common.describe_source(trunk_info)),
           ("data", f"{FLAGS.data}: train split {train_split!r}, test split {FLAGS.test_split!r}, "
                    f"{len(class_names)} classes; lasso {FLAGS.lasso}"),
-          ("input", flag_utils.describe_config(input_config, always=("min_side", "max_side", "batch_size"))),
+          ("input", flag_utils.describe_config(input_config, always=(
+              "min_side", "max_side", "batch_size", "preprocessing"))),
           ("detector", flag_utils.describe_config(detector_config, always=("trunk_bn", "anchor_scales"))),
           ("training", flag_utils.describe_config(finetune_config, always=(
               "train_steps", "learning_rate", "lr_decay_steps"))),
@@ -132,7 +134,8 @@ def main(argv):
       detector,
       data_lib.train_dataset(train_examples, input_config, seed=finetune_config.seed),
       data_lib.eval_dataset(test_examples, input_config, max_images=FLAGS.eval_max_images or None),
-      class_names, FLAGS.output_dir, finetune_config, trunk_source=trunk_info, run_info=run_info)
+      class_names, FLAGS.output_dir, finetune_config, trunk_source=trunk_info, run_info=run_info,
+      input_convention=input_config.preprocessing)
   print(f"mAP ({'VOC07 11-point' if finetune_config.use_07_metric else 'area'}) = {results['mAP']:.4f} "
         f"on {results['num_test_images']} {FLAGS.test_split} images at step {results['step']}")
   for name, ap in results["AP"].items():

@@ -128,9 +128,11 @@ def make_detect_fn(detector: FasterRCNN, element_spec):
   return detect
 
 
-def draw_detections(images: tf.Tensor, detections: Dict[str, tf.Tensor], min_score: float = 0.3) -> tf.Tensor:
-  """Trunk-input images [B, H, W, 3] with boxes scoring >= min_score drawn, in [0, 1], for TensorBoard."""
-  rgb = preprocessing.trunk_input_to_rgb(images)
+def draw_detections(images: tf.Tensor, detections: Dict[str, tf.Tensor], min_score: float = 0.3,
+                    convention: str = preprocessing.DEFAULT_CONVENTION) -> tf.Tensor:
+  """Trunk-input images [B, H, W, 3] (of input `convention`) with boxes scoring >= min_score drawn, in
+  [0, 1], for TensorBoard."""
+  rgb = preprocessing.trunk_input_to_rgb(images, convention)
   hw = tf.cast(tf.shape(images)[1:3], tf.float32)
   boxes = detections["boxes"] / tf.concat([hw, hw], 0)
   keep = detections["scores"] >= min_score
@@ -142,7 +144,7 @@ def draw_detections(images: tf.Tensor, detections: Dict[str, tf.Tensor], min_sco
 
 def evaluate(detector: FasterRCNN, eval_ds: tf.data.Dataset, num_classes: int,
              use_07_metric: bool = True, detect_fn=None, summary_images: int = 0,
-             progress_bar: bool = False) -> Dict[str, object]:
+             progress_bar: bool = False, convention: str = preprocessing.DEFAULT_CONVENTION) -> Dict[str, object]:
   """VOC AP of `detector` on a finite batched `eval_dataset` (`tf_mtssl.detection.data`).
 
   Detections are mapped back to the original image resolution (divided by the resize factors) and
@@ -159,7 +161,7 @@ def evaluate(detector: FasterRCNN, eval_ds: tf.data.Dataset, num_classes: int,
     out = detect_fn({"image": batch["image"], "image_shape": batch["image_shape"]})
     bar.update(int(batch["image"].shape[0]))
     if summary_images and sum(int(d.shape[0]) for d in drawn) < summary_images:
-      drawn.append(draw_detections(batch["image"], out))
+      drawn.append(draw_detections(batch["image"], out, convention=convention))
     out = {k: v.numpy() for k, v in out.items()}
     b = {k: v.numpy() for k, v in batch.items() if k.startswith("gt_") or k == "scale"}
     for i in range(len(out["num_detections"])):
@@ -188,7 +190,8 @@ def _json_float(x: float):
 
 def finetune(detector: FasterRCNN, train_ds: tf.data.Dataset, eval_ds: Optional[tf.data.Dataset],
              class_names: List[str], output_dir: str, config: FinetuneConfig, trunk_source: Dict,
-             run_info: Optional[dict] = None) -> Dict[str, object]:
+             run_info: Optional[dict] = None,
+             input_convention: str = preprocessing.DEFAULT_CONVENTION) -> Dict[str, object]:
   """Trains to `config.train_steps` (resuming from `output_dir`), evaluates, writes the results.
 
   Args:
@@ -201,6 +204,8 @@ def finetune(detector: FasterRCNN, train_ds: tf.data.Dataset, eval_ds: Optional[
     config: optimisation settings.
     trunk_source: the provenance of the detector's trunk (`common.load_trunk`).
     run_info: more entries of the results file (data, splits, input settings).
+    input_convention: the convention of the datasets' trunk-input images (`InputConfig.preprocessing`),
+      for the TensorBoard images.
   Returns:
     {"mAP", "AP" {class: value}, "step", "train_images_per_sec", ...} (also written as JSON).
   """
@@ -228,7 +233,7 @@ def finetune(detector: FasterRCNN, train_ds: tf.data.Dataset, eval_ds: Optional[
     if eval_ds is None:
       return None
     result = evaluate(detector, eval_ds, len(class_names), config.use_07_metric, detect_fn,
-                      config.summary_images, progress_bar=config.progress_bar)
+                      config.summary_images, progress_bar=config.progress_bar, convention=input_convention)
     with eval_writer.as_default(step=at_step):
       tf.summary.scalar("mAP", result["mAP"])
       for name, ap in zip(class_names, result["AP"]):
