@@ -152,3 +152,57 @@ def test_input_conventions_and_their_inverses():
   for convention in preprocessing.INPUT_CONVENTIONS:
     back = preprocessing.trunk_input_to_rgb(preprocessing.rgb_to_trunk_input(rgb, convention), convention)
     np.testing.assert_allclose(back, rgb / 255.0, rtol=1e-5, atol=1e-6)
+
+
+def _labelled_folder(root):
+  """root/{train,val}/{a,b}/*.png: two classes of real photos (scikit-image), 64 px."""
+  for split in ("train", "val"):
+    for label, names in (("a", ("astronaut", "coffee")), ("b", ("chelsea", "rocket"))):
+      helpers.write_photos(root / split / label, size=64, names=names)
+  return root
+
+
+@pytest.mark.slow
+def test_import_evaluate_export_serve_end_to_end(slim_ref, tmp_path):
+  """The binaries in their own processes: import (inception convention) -> evaluate_linear -> export ->
+  serve. The served features are the imported trunk's on [-1, 1] inputs, not on VGG ones."""
+  from export import server_lib
+  from tests import test_serving
+  from tf_mtssl import export_lib
+
+  def run(*args):
+    proc = subprocess.run([sys.executable, "-m", *args], cwd=helpers.REPO_ROOT, env=ENV, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+  model_dir, export_dir = tmp_path / "run", tmp_path / "exports"
+  out = run("tf_mtssl.import_checkpoint", f"--slim_checkpoint={slim_ref / 'model.ckpt'}", f"--model_dir={model_dir}",
+            f"--depth={TINY_DEPTH}", "--preprocessing=inception").stdout
+  assert "Ignored:     25 variables: block4 (18), global_step (1), logits (2), postnorm (4)" in out, out
+  assert "Input:       inception" in out
+
+  data = _labelled_folder(tmp_path / "photos")
+  run("tf_mtssl.evaluate_linear", f"--model_dir={model_dir}", f"--data={data}", "--image_size=64",
+      "--train_steps=3", "--batch_size=4", "--lr_boundaries=", f"--output_dir={tmp_path / 'linear'}")
+  result = json.loads((tmp_path / "linear" / "result.json").read_text())
+  assert result["trunk"]["preprocessing"] == "inception" and result["config"]["preprocessing"] == "inception"
+  assert result["num_eval"] == 4 and 0.0 <= result["top1"] <= 1.0
+
+  run("export.export_saved_model", f"--model_dir={model_dir}", f"--export_dir={export_dir}", "--image_size=64")
+  assert export_lib.input_convention(str(export_dir)) == "inception"
+
+  image = test_serving._jpeg(5, 90, 70)
+  trunk = checkpoints.restore_trunk(str(model_dir))
+  rgb = export_lib.decode_and_resize(tf.constant(image), 64)[None]
+  want = {c: tf.reduce_mean(trunk(preprocessing.rgb_to_trunk_input(rgb, c), training=False)["block3"],
+                            axis=[1, 2]).numpy() for c in ("inception", "vgg")}
+  server = test_serving._Server(str(export_dir))
+  try:
+    port = int(server.wait_for(r"gRPC PredictionService listening on \S+ port (\d+)").group(1))
+    response = server_lib.make_stub(f"127.0.0.1:{port}").Predict(server_lib.predict_request([image]), timeout=60)
+  finally:
+    server.stop()
+  served = tf.make_ndarray(response.outputs["features"])
+  _close(served, want["inception"])
+  assert np.abs(served - want["vgg"]).max() > 0.1 * np.abs(want["inception"]).max()
