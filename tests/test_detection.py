@@ -186,7 +186,7 @@ def test_trunk_batch_norm_frozen_by_default_or_trained(tmp_path, trunk_bn):
   config = train_lib.FinetuneConfig(train_steps=3, checkpoint_every=10, log_every=1, warmup_steps=0,
                                     lr_decay_steps=(), learning_rate=0.01)
   train_lib.finetune(detector, data_lib.train_dataset(examples, data_lib.InputConfig(
-      min_side=64, max_side=64, batch_size=2)), None, names, str(tmp_path), config)
+      min_side=64, max_side=64, batch_size=2)), None, names, str(tmp_path), config, trunk_source=RANDOM_TINY)
   assert not np.array_equal(kernel.numpy(), kernel_before)          # the trunk is fine-tuned
   after = {w.path: w.numpy() for layer in norms for w in layer.weights}
   kinds = ("gamma", "beta", "moving_mean", "moving_variance")
