@@ -1,7 +1,7 @@
 """Reference outputs of the ORIGINAL tf-slim ResNet-v2 code, for the checkpoint-import tests.
 
 Run in a subprocess (TF1 graph mode; test-only dependencies, requirements-test.txt):
-  python -m tests.slim_reference --out=DIR [--tiny_depth=26] [--names_depths=50,101]
+  python -m tests.slim_reference --out=DIR [--tiny_depth=26 | --real_depth=101] [--names_depths=50,101]
 writes
   DIR/model.ckpt, DIR/reference.npz: a slim `resnet_v2.resnet_v2(...)` with `resnet_v2_block`s of
       ResNet-`tiny_depth`'s units (plus a small block 4 and 10-class logits, which the import must
@@ -9,6 +9,8 @@ writes
       saved as a TF1 checkpoint; reference.npz holds the input images (already preprocessed), slim's
       `block3` end point at output stride 16 and 32 and the block-3 unit end points at output stride
       16 (inference-mode batch norm);
+      With --real_depth, the network is slim's own `resnet_v2_<depth>` builder (1001 classes): the
+      import tests' comparison at full depth, too slow for the suite (minutes on 2 cores);
   DIR/names_<depth>.json: {variable: shape} of slim's own `resnet_v2_<depth>` (1001 classes).
 
 tf-slim 1.1.0 imports `tf_keras.legacy_tf_layers.*`, which tf-keras 2.21 keeps under
@@ -64,23 +66,31 @@ def _randomise(sess, rng):
     v.load(value.astype(np.float32), sess)  # noqa (TF1 API: this is the original code's world)
 
 
-def tiny(out: str, depth: int, size: int, batch: int, seed: int) -> None:
+def reference(out: str, depth: int, size: int, batch: int, seed: int, real_builder: bool = False) -> None:
+  """Checkpoint + reference outputs of ResNet-`depth` (see the module docstring); `real_builder`: slim's
+  own `resnet_v2_<depth>` (1001 classes, full block 4) instead of `resnet_v2` with a small block 4."""
   rng = np.random.default_rng(seed)
   units = UNITS[depth]
   scope = f"resnet_v2_{depth}"
   blocks = [resnet_v2.resnet_v2_block(f"block{i + 1}", base_depth=64 * 2 ** i, num_units=n, stride=2)
             for i, n in enumerate(units)]
   blocks.append(resnet_v2.resnet_v2_block("block4", base_depth=16, num_units=1, stride=1))
+
+  def build(x, output_stride, reuse):
+    if real_builder:
+      return BUILDERS[depth](x, 1001, is_training=False, output_stride=output_stride, reuse=reuse, scope=scope)
+    return resnet_v2.resnet_v2(x, blocks, num_classes=10, is_training=False, output_stride=output_stride,
+                               reuse=reuse, scope=scope)
+
   # VGG-preprocessed RGB (paper_spec 2.2): the import compares trunks on identical float inputs.
   images = (rng.uniform(0, 255, (batch, size, size, 3)) - [123.68, 116.779, 103.939]).astype(np.float32)
   graph = tf1.Graph()
   with graph.as_default():
+    tf1.set_random_seed(seed)  # the conv kernels' initialisers: one reference per seed
     x = tf1.placeholder(tf1.float32, [None, size, size, 3])
     with _arg_scope():
-      _, os16 = resnet_v2.resnet_v2(x, blocks, num_classes=10, is_training=False, output_stride=16,
-                                    scope=scope)
-      _, os32 = resnet_v2.resnet_v2(x, blocks, num_classes=10, is_training=False, output_stride=None,
-                                    reuse=True, scope=scope)
+      _, os16 = build(x, 16, None)
+      _, os32 = build(x, None, True)
     tf1.train.get_or_create_global_step()
     unit_names = [f"{scope}/block3/unit_{u}/bottleneck_v2" for u in range(1, units[2] + 1)]
     with tf1.Session(graph=graph) as sess:
@@ -108,13 +118,18 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--out", required=True)
   parser.add_argument("--tiny_depth", type=int, default=26, choices=[14, 26])
+  parser.add_argument("--real_depth", type=int, default=0, choices=[0, *sorted(BUILDERS)],
+                      help="instead of --tiny_depth: slim's own resnet_v2_<depth> builder (minutes, ~170 MB)")
   parser.add_argument("--size", type=int, default=64)
   parser.add_argument("--batch", type=int, default=3)
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--names_depths", default="101", help="comma-separated; empty: none")
   args = parser.parse_args()
   os.makedirs(args.out, exist_ok=True)
-  tiny(args.out, args.tiny_depth, args.size, args.batch, args.seed)
+  if args.real_depth:
+    reference(args.out, args.real_depth, args.size, args.batch, args.seed, real_builder=True)
+  else:
+    reference(args.out, args.tiny_depth, args.size, args.batch, args.seed)
   for depth in filter(None, args.names_depths.split(",")):
     names(args.out, int(depth))
 
