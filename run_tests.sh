@@ -1,4 +1,6 @@
 #!/usr/bin/env bash
-# README's second command: set up (venv, pinned requirements, embedded data), then the whole test suite.
+# README's second command: set up (venv, pinned requirements, embedded data), the test-only
+# requirements, then the whole test suite.
 source "$(dirname "$0")/scripts/setup.sh"
+.venv/bin/python -m pip install -q --disable-pip-version-check -r requirements-test.txt
 exec .venv/bin/python -m pytest -q tests "$@"

@@ -16,7 +16,7 @@ import tempfile
 import time
 from typing import Callable, Dict, List, Optional, Sequence
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from tf_mtssl import quiet  # noqa: F401,E402  (before TensorFlow: silences its start-up noise)
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TASKS = ("rp", "col", "ex", "ms")

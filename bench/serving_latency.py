@@ -25,7 +25,7 @@ import tempfile
 import time
 from typing import Dict, List
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from tf_mtssl import quiet  # noqa: F401,E402  (before TensorFlow: silences its start-up noise)
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402

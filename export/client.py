@@ -10,6 +10,8 @@ image, too large), is skipped with a message on stderr and has no row; images.tx
 that were written. An --output_dir holding an earlier output is refused unless --overwrite.
 """
 
+from tf_mtssl import quiet  # noqa: F401  (first: silences TensorFlow's start-up noise)
+
 import sys
 
 from absl import app, flags

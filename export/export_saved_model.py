@@ -8,6 +8,8 @@ images) and `image_tensor` (float images), the Keras file assets.extra/trunk.ker
 assets.extra/export_metadata.json. See tf_mtssl/export_lib.py for the signatures' inputs and outputs.
 """
 
+from tf_mtssl import quiet  # noqa: F401  (first: silences TensorFlow's start-up noise)
+
 import os
 
 from absl import app, flags

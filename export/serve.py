@@ -12,6 +12,8 @@ serves the same directory unchanged:
       --model_base_path=$(pwd)/exports/smoke
 """
 
+from tf_mtssl import quiet  # noqa: F401  (first: silences TensorFlow's start-up noise)
+
 import logging
 import signal
 import threading

@@ -80,3 +80,10 @@ def assert_close(actual, desired, rtol: float = 1e-5, err_msg: str = ""):
   desired = np.asarray(desired)
   scale = float(np.max(np.abs(desired))) if desired.size else 0.0
   np.testing.assert_allclose(np.asarray(actual), desired, rtol=rtol, atol=rtol * scale, err_msg=err_msg)
+
+
+def assert_progress_bar(stderr: str, steps: int):
+  """A finished tqdm bar (`tf_mtssl.progress`) of `steps` steps with elapsed<ETA, rate and loss."""
+  import re
+  pattern = rf"{steps}/{steps} \[[\d:]+<[\d:]+, +[\d.]+ ?(s/step|step/s), loss=-?[\d.]+\]"
+  assert re.search(pattern, stderr), f"no finished progress bar ({pattern}) in:\n{stderr[-2000:]}"

@@ -166,6 +166,35 @@ def test_config_rejects_bad_values():
     model_lib.DetectorConfig(crop_size=7)
 
 
+@pytest.mark.parametrize("trunk_bn", ["frozen", "train"])
+def test_trunk_batch_norm_frozen_by_default_or_trained(tmp_path, trunk_bn):
+  """Frozen (the default): after training steps the trunk's BN moving statistics and gamma/beta are
+  bit-identical while its convolutions moved; 'train' changes all of them."""
+  assert model_lib.DetectorConfig().trunk_bn == "frozen"
+  scenes = detection_set.make_detection_set(
+      skimage_photos(), class_photos=("astronaut", "coffee", "chelsea"),
+      options=detection_set.DetectionSetOptions(image_size=64, num_train=2, num_test=0, seed=1))
+  examples, names = data_lib.raw_examples("embedded", "train", embedded_set=scenes)
+  detector = tiny_detector(anchor_scales=(16.0, 32.0), trunk_bn=trunk_bn)
+  norms = detector.trunk_batch_norms()
+  assert norms and all(layer.trainable == (trunk_bn == "train") for layer in norms)
+  trainable = {id(v) for v in detector.trainable_variables}
+  assert all((id(w) in trainable) == (trunk_bn == "train") for layer in norms for w in (layer.gamma, layer.beta))
+  before = {w.path: w.numpy().copy() for layer in norms for w in layer.weights}
+  kernel = detector.trunk.get_layer("block1_unit1_conv1").kernel
+  kernel_before = kernel.numpy().copy()
+  config = train_lib.FinetuneConfig(train_steps=3, checkpoint_every=10, log_every=1, warmup_steps=0,
+                                    lr_decay_steps=(), learning_rate=0.01)
+  train_lib.finetune(detector, data_lib.train_dataset(examples, data_lib.InputConfig(
+      min_side=64, max_side=64, batch_size=2)), None, names, str(tmp_path), config, trunk_source=RANDOM_TINY)
+  assert not np.array_equal(kernel.numpy(), kernel_before)          # the trunk is fine-tuned
+  after = {w.path: w.numpy() for layer in norms for w in layer.weights}
+  kinds = ("gamma", "beta", "moving_mean", "moving_variance")
+  for kind in kinds:
+    changed = [p for p in before if p.endswith(kind) and not np.array_equal(before[p], after[p])]
+    assert (len(changed) > 0) == (trunk_bn == "train"), (kind, changed[:3])
+
+
 def test_block4_is_fresh_and_scaled_by_the_trunk_width():
   detector = tiny_detector()
   out = detector.box_classifier.get_layer("block4_unit3_out").output
@@ -376,6 +405,13 @@ def test_binary_runs_on_the_embedded_set_and_never_resumes_another_trunks_folder
   proc = run("--init=random", f"--model_dir={tmp_path / 'run'}")
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "mAP (VOC07 11-point)" in proc.stdout
+  # The resolved configuration: a few readable lines, not a JSON dump.
+  lines = proc.stdout.splitlines()
+  start = next(i for i, line in enumerate(lines) if line.startswith("Detection fine-tuning"))
+  end = next(i for i, line in enumerate(lines[start + 1:], start + 1) if not line.startswith("  "))
+  block = "\n".join(lines[start:end])
+  assert end - start <= 10 and "trunk_bn=frozen" in block and "{" not in block, block
+  helpers.assert_progress_bar(proc.stderr, 2)
   results = json.loads((out / common.RESULTS_FILE).read_text())
   assert results["step"] == 2 and results["num_test_images"] == 2
   assert set(results["AP"]) == set(results["class_names"]) == {"apple", "butterfly", "chelsea"}

@@ -184,6 +184,7 @@ def test_binary_writes_results_json_of_what_was_used_and_keeps_its_folder_to_one
   assert result["eval_split"] == "val" and result["num_classes"] == 3
   assert "flags" not in result and '"depth": 101' not in text and '"base_width": 64' not in text
   assert "top1=" in run.stdout and "chance top1=0.3333" in run.stdout
+  helpers.assert_progress_bar(run.stderr, 5)
   # Another trunk (seed 1) into the same folder: refused, naming both; the results stay the first's.
   again = _run_binary(*args, "--seed=1")
   assert again.returncode == 2 and "Traceback" not in again.stderr
@@ -243,3 +244,23 @@ def test_exported_trunk_keras_file_is_a_trunk_source(tmp_path):
     common.load_trunk("pretrained", trunk_keras=str(tmp_path / "missing.keras"))
   with pytest.raises(ValueError, match="not from --trunk_keras"):
     common.load_trunk("random", trunk_keras=str(tmp_path / "trunk.keras"))
+
+
+def test_feature_norm_is_affine_free_and_the_plain_probe_one_option_away():
+  """batchnorm (default [I]): no trainable scale/offset, at evaluation a fixed standardisation, so the
+  classifier stays linear; none: logits are exactly x W + b (paper_spec 7.1's plain probe)."""
+  rng = np.random.default_rng(0)
+  pooled = tf.constant(rng.normal(3.0, 50.0, (6, 3, 3, 8)), tf.float32)
+  x = pooled.numpy().reshape(6, -1)
+  plain = linear.LinearProbe(4, 1, 8, feature_norm="none")
+  assert plain.norm is None
+  w, b = plain.classifier.kernel.numpy(), plain.classifier.bias.numpy()
+  np.testing.assert_allclose(plain.logits(pooled, training=False), x @ w + b, rtol=1e-5, atol=1e-4)
+  normed = linear.LinearProbe(4, 1, 8, feature_norm="batchnorm")
+  assert normed.norm.trainable_weights == [] and len(normed.trainable_variables) == 2   # kernel, bias
+  normed.norm.moving_mean.assign(x.mean(0))
+  normed.norm.moving_variance.assign(x.var(0))
+  w, b = normed.classifier.kernel.numpy(), normed.classifier.bias.numpy()
+  standardised = (x - x.mean(0)) / np.sqrt(x.var(0) + 1e-5)
+  np.testing.assert_allclose(normed.logits(pooled, training=False), standardised @ w + b, rtol=1e-4, atol=1e-4)
+  assert linear.ProbeConfig().feature_norm == "batchnorm"

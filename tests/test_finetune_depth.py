@@ -10,6 +10,7 @@ import pytest
 import tensorflow as tf
 
 from tests import helpers
+from tf_mtssl import metrics
 from tf_mtssl import trunk as trunk_lib
 from tf_mtssl.data import depth_sources
 from tf_mtssl.evaluation import common, depth
@@ -85,10 +86,11 @@ def test_batches_without_valid_ground_truth_are_skipped_and_counted():
   result = trainer.evaluate(tf.data.Dataset.from_tensors(empty).concatenate(
       tf.data.Dataset.from_tensors(valid)))
   assert result["skipped_test_batches"] == 1 and result["test_batches"] == 2
-  assert all(np.isfinite(result[k]) for k in ("delta1", "abs_rel", "rmse", "rmse_log", "log10"))
-  assert result["num_valid_pixels"] == CROP * CROP
+  for aggregation in depth.AGGREGATIONS:
+    assert all(np.isfinite(result[aggregation][k]) for k in ("delta1", "abs_rel", "rmse", "rmse_log", "log10"))
+  assert result["num_valid_pixels"] == CROP * CROP and result["num_images"] == 1  # padding dropped
   alone = trainer.evaluate(tf.data.Dataset.from_tensors(valid))  # unpadded: the same metrics
-  assert all(np.isclose(alone[k], result[k], rtol=1e-5) for k in ("delta1", "abs_rel", "rmse"))
+  assert all(np.isclose(alone["pooled"][k], result["pooled"][k], rtol=1e-5) for k in ("delta1", "abs_rel", "rmse"))
   with pytest.raises(ValueError, match="No valid ground-truth pixel"):
     trainer.evaluate(tf.data.Dataset.from_tensors(empty))
 
@@ -120,7 +122,8 @@ def test_binary_trains_the_eval_lasso_row_on_the_embedded_pairs(tmp_path):
   assert run.returncode == 0, run.stderr[-3000:]
   text = (tmp_path / common.RESULTS_FILE).read_text()
   result = json.loads(text)
-  assert 0.0 <= result["delta1"] <= 1.0 and result["data"]["kind"] == "stereo"
+  assert 0.0 <= result["per_image_mean"]["delta1"] <= 1.0 and 0.0 <= result["pooled"]["delta1"] <= 1.0
+  assert result["data"]["kind"] == "stereo"
   assert result["skipped_train_batches"] == 0 and result["evaluation"] == "depth"
   assert result["trunk"] == {"init": "random", "source": "random", "seed": 0,
                              "trunk": trunk_lib.trunk_config(depth=26, base_width=8)}
@@ -128,20 +131,83 @@ def test_binary_trains_the_eval_lasso_row_on_the_embedded_pairs(tmp_path):
   assert json.loads((tmp_path / common.SOURCE_FILE).read_text())["trunk"] == result["trunk"]
   alpha = np.array(result["eval_lasso_alpha"])
   assert alpha.shape == (2,) and not np.allclose(alpha, [0.0, 1.0])  # trained away from its init
-  assert result["final_train"]["lasso_l1"] > 0 and "delta1=" in run.stdout
+  assert result["final_train"]["lasso_l1"] > 0
+  assert "per_image_mean: delta1=" in run.stdout and "pooled: delta1=" in run.stdout
+  helpers.assert_progress_bar(run.stderr, 3)
 
 
-def test_nyu_tfds_source_resizes_and_crops_offline(tmp_path):
-  """tfds:nyu_depth_v2 via tfds' offline mock (random data): FCRN-style resize + crops."""
+def test_nyu_tfds_source_trains_on_crops_and_tests_at_full_resolution_offline(tmp_path):
+  """tfds:nyu_depth_v2 via tfds' offline mock (random data): FCRN-style training crops; the test split
+  gives the whole frame at the training resolution, the ground truth at 640 x 480 and the Eigen crop."""
   import tensorflow_datasets as tfds
   with tfds.testing.mock_data(num_examples=2, data_dir=str(tmp_path)):
     os.makedirs(tfds.builder("nyu_depth_v2", data_dir=str(tmp_path)).data_dir)  # "prepared"
     source = depth_sources.DepthSource("tfds:nyu_depth_v2", tfds_data_dir=str(tmp_path), crop_height=228,
-                                       crop_width=304, resize_height=240, resize_width=320)
+                                       crop_width=304, resize_height=240, resize_width=320,
+                                       eval_crop=depth_sources.EIGEN_CROP)
     train = next(iter(source.train_dataset(seed=0)))
     test = list(source.test_dataset())
   assert train["image"].shape == (228, 304, 3) and train["depth"].shape == (228, 304)
   assert len(test) == 2 and test[0]["depth"].dtype == tf.float32
+  assert test[0]["image"].shape == (240, 320, 3) and test[0]["depth"].shape == (480, 640)
+  mask = test[0]["mask"].numpy()
+  assert mask.sum() == (471 - 45) * (601 - 41) and mask[45, 41] and not mask[44, 41] and not mask[45, 601]
+  with pytest.raises(ValueError, match="eval_crop applies to the full-resolution tfds"):
+    depth_sources.DepthSource("embedded", crop_height=CROP, crop_width=CROP, eval_crop=(0, 10, 0, 10))
   with pytest.raises(FileNotFoundError, match="never downloads"):
     depth_sources.DepthSource("tfds:nyu_depth_v2", tfds_data_dir=str(tmp_path / "none"), crop_height=228,
                               crop_width=304)
+
+
+def test_evaluation_upsamples_to_the_ground_truth_and_reports_per_image_and_pooled():
+  """Two test images at a quarter of the ground truth's resolution, one with far more valid pixels:
+  the prediction is upsampled to the ground truth, depth beyond max_depth is not scored (and
+  predictions are clipped to it), and both aggregations match a NumPy reference."""
+  rng = np.random.default_rng(0)
+  trainer = depth.DepthTrainer(_network(), depth.DepthConfig(lr_boundaries=(), max_depth=4.0))
+  images = tf.constant(rng.uniform(0, 255, (2, 32, 48, 3)), tf.float32)
+  gt = rng.uniform(1.0, 5.0, (2, 128, 192)).astype(np.float32)   # some pixels beyond max_depth
+  gt[1] *= 0.5                                                  # image 2 nearer: other errors
+  mask = np.ones(gt.shape, bool)
+  mask[1, :, 20:] = False                                       # image 2: a narrow crop only
+  result = trainer.evaluate(tf.data.Dataset.from_tensors({"image": images, "depth": gt, "mask": mask}))
+  pred = trainer.network(images, training=False, size=(128, 192)).numpy()
+  assert pred.shape == gt.shape
+  pred = np.clip(pred, 1e-3, 4.0)
+  valid = mask & (gt <= 4.0)
+  per_image = [np.abs(pred[i][valid[i]] - gt[i][valid[i]]) / gt[i][valid[i]] for i in range(2)]
+  np.testing.assert_allclose(result["per_image_mean"]["abs_rel"], np.mean([e.mean() for e in per_image]), rtol=1e-4)
+  np.testing.assert_allclose(result["pooled"]["abs_rel"], np.concatenate(per_image).mean(), rtol=1e-4)
+  sq = [(pred[i][valid[i]] - gt[i][valid[i]]) ** 2 for i in range(2)]
+  np.testing.assert_allclose(result["per_image_mean"]["rmse"], np.mean([np.sqrt(e.mean()) for e in sq]), rtol=1e-4)
+  np.testing.assert_allclose(result["pooled"]["rmse"], np.sqrt(np.concatenate(sq).mean()), rtol=1e-4)
+  assert result["num_valid_pixels"] == valid.sum() and result["num_images"] == 2
+  # The aggregations really differ here (image 2: few, nearer pixels), so the test tells them apart.
+  assert abs(result["per_image_mean"]["rmse"] - result["pooled"]["rmse"]) > 0.05 * result["pooled"]["rmse"]
+
+
+def test_binary_runs_the_nyu_flagfile_protocol_on_mock_tfds(tmp_path):
+  """flags/depth_nyu.cfg end to end on tfds' offline mock of nyu_depth_v2 (random frames): full-
+  resolution scoring inside the Eigen crop, 10 m cap, per-image and pooled figures in the results file."""
+  script = (
+      "import os, sys, tensorflow_datasets as tfds\n"
+      "from absl import app\n"
+      "import tf_mtssl.finetune_depth as binary\n"
+      "from tf_mtssl import flag_utils\n"
+      "data_dir = sys.argv[1]\n"
+      "with tfds.testing.mock_data(num_examples=2, data_dir=data_dir):\n"
+      "  os.makedirs(tfds.builder('nyu_depth_v2', data_dir=data_dir).data_dir)\n"
+      "  app.run(flag_utils.run_main(binary.main), argv=['finetune_depth'] + sys.argv[2:])\n")
+  run = subprocess.run(
+      [sys.executable, "-c", script, str(tmp_path / "tfds"), "--flagfile=flags/depth_nyu.cfg",
+       f"--tfds_data_dir={tmp_path / 'tfds'}", "--init=random", "--depth=14", "--base_width=8",
+       "--train_steps=1", "--batch_size=2", "--eval_batch_size=2", "--eval_every=0", "--log_every=1",
+       f"--output_dir={tmp_path / 'out'}"],
+      capture_output=True, text=True, timeout=300, cwd=helpers.REPO_ROOT,
+      env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+  assert run.returncode == 0, run.stderr[-3000:]
+  result = json.loads((tmp_path / "out" / common.RESULTS_FILE).read_text())
+  assert result["data"]["eval_crop"] == list(depth_sources.EIGEN_CROP) and result["config"]["max_depth"] == 10.0
+  assert result["num_images"] == 2 and result["data"]["resize"] == [240, 320]
+  assert result["num_valid_pixels"] <= 2 * (471 - 45) * (601 - 41)
+  assert set(result["per_image_mean"]) == set(result["pooled"]) == set(metrics.DEPTH_METRIC_NAMES)

@@ -2,8 +2,8 @@
 
 Layout of `model_dir` (a pretraining run):
   run_config.json        the resolved configuration of the latest start (trunk architecture, tasks,
-                         options, flags), so export and evaluation rebuild the model without
-                         repeated flags;
+                         options, flags, the trunk's input convention "preprocessing"), so export and
+                         evaluation rebuild and feed the model without repeated flags;
   run_config_history.jsonl  one line per start (append-only): its step, host, PID, the settings that
                          changed since the previous start and the whole resolved configuration, so
                          resuming with other hyper-parameters never loses the earlier ones;
@@ -26,12 +26,14 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from tf_mtssl import preprocessing
 from tf_mtssl import trunk as trunk_lib
 
 log = logging.getLogger(__name__)
 
 RUN_CONFIG = "run_config.json"
 RUN_CONFIG_HISTORY = "run_config_history.jsonl"
+PREPROCESSING_KEY = "preprocessing"  # the trunk's input convention (`tf_mtssl.preprocessing`)
 # What must agree for a checkpoint to be restorable into the model being built.
 ARCHITECTURE_KEYS = ("trunk", "tasks", "task_options", "lasso", "image_size")
 
@@ -152,6 +154,14 @@ def resolve_checkpoint(model_dir: str, checkpoint: Optional[str] = None) -> str:
     raise FileNotFoundError(f"No checkpoint in {model_dir}: train first (python -m tf_mtssl.pretrain "
                             f"--model_dir={model_dir}) or pass another run")
   return latest
+
+
+def input_convention(config: dict) -> str:
+  """The input convention a run's trunk expects (`tf_mtssl.preprocessing.INPUT_CONVENTIONS`).
+
+  Runs written before the convention was recorded are pretraining runs: VGG (paper_spec 2.2).
+  """
+  return preprocessing.check_convention(config.get(PREPROCESSING_KEY, preprocessing.DEFAULT_CONVENTION))
 
 
 def build_trunk_from_run(model_dir: str) -> keras.Model:

@@ -10,6 +10,8 @@ Prints top-1 / top-5 on the evaluation split, writes them to TensorBoard (--outp
 source is refused (trunk_source.json). See `tf_mtssl.evaluation.linear` for the protocol.
 """
 
+from tf_mtssl import quiet  # noqa: F401  (first: silences TensorFlow's start-up noise)
+
 import dataclasses
 import logging
 import os
@@ -52,7 +54,9 @@ flags.DEFINE_boolean("cache_features", True, "Compute the frozen trunk's pooled 
 flags.DEFINE_integer("grid", 3, "Block 3 is average-pooled to grid x grid (paper_spec 7.1: 3).")
 flags.DEFINE_enum("feature_norm", "batchnorm", list(linear.FEATURE_NORMS),
                   "batchnorm: standardise features by batch norm without affine before the linear "
-                  "layer [I]; none: raw features.")
+                  "layer [I] (a departure from paper_spec 7.1, because block 3's scale differs by "
+                  "orders of magnitude between trunks; see flags/linear_imagenet.cfg); none: the "
+                  "paper's plain linear probe on raw features.")
 flags.DEFINE_integer("batch_size", 256, "Training batch (paper_spec 7.1 [I]: 256-2048).")
 flags.DEFINE_integer("eval_batch_size", 256, "Batch of feature extraction and evaluation.")
 flags.DEFINE_integer("train_steps", 2000, "SGD steps (paper_spec 7.1 [I]: 85000 on ImageNet).")
@@ -69,6 +73,7 @@ flags.DEFINE_string("output_dir", "runs/eval_linear", "TensorBoard summaries and
                     "reused only by the same trunk source.")
 flag_utils.define_trunk_flags()
 flag_utils.define_lasso_flags()
+flag_utils.define_progress_flag()
 
 
 def main(argv):
@@ -89,7 +94,8 @@ def main(argv):
       feature_norm=FLAGS.feature_norm, grid=FLAGS.grid, image_size=FLAGS.image_size,
       crop_fraction=FLAGS.crop_fraction, augment=FLAGS.augment, cache_features=FLAGS.cache_features,
       lasso_l1=FLAGS.lasso_l1 if flag_utils.lasso_applies(FLAGS.lasso, "eval") else None,
-      eval_every=FLAGS.eval_every, log_every=FLAGS.log_every, seed=FLAGS.seed)
+      eval_every=FLAGS.eval_every, log_every=FLAGS.log_every, seed=FLAGS.seed,
+      progress_bar=FLAGS.progress_bar, preprocessing=common.input_convention(trunk_info))
   trainer = linear.ProbeTrainer(trunk, source.num_classes, config)
   common.claim_output_dir(FLAGS.output_dir, linear.EVALUATION, trunk_info)
   print(f"Linear evaluation (paper_spec 7.1) of {common.describe_source(trunk_info)}; data "

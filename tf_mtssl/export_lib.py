@@ -15,9 +15,11 @@ Signatures (outputs identical in both, computed at inference: batch norm uses it
   serving_default: `image_bytes` DT_STRING [batch], encoded JPEG/PNG/GIF/BMP. Each image is decoded to
     RGB, centre-cropped to a square (side = its shorter side: the aspect ratio is kept, the longer side
     is trimmed equally on both ends), resized to image_size x image_size (bilinear, antialiased) and
-    preprocessed (paper_spec 2.2) inside the graph.
+    normalised inside the graph by the run's recorded input convention (`tf_mtssl.preprocessing`:
+    VGG means for pretraining runs, paper_spec 2.2; [-1, 1] for an imported slim ImageNet model).
   image_tensor: `images` DT_FLOAT [batch, H, W, 3], RGB in [0, 255], used at its own size (the trunk is
-    fully convolutional); with `export_units`, also every block-3 unit output.
+    fully convolutional), normalised in the graph the same way; with `export_units`, also every
+    block-3 unit output. Clients always send plain RGB, whatever the trunk's convention.
   Outputs:
     features  [batch, C]        global average of block 3 (C = 1024 for the paper's trunk);
     block3    [batch, h, w, C]  the block-3 map (h = w = 14 at 224 px, output stride 16);
@@ -54,6 +56,7 @@ KERAS_FILE = "trunk.keras"
 METADATA_FILE = "export_metadata.json"
 DEFAULT_IMAGE_SIZE = 224   # paper_spec 7.1 [I]: 224 x 224 centre crops
 LINEAR_EVAL_GRID = 3       # paper_spec 7.1: a 3x3xC representation
+INPUT_CONVENTION_KEY = "input_convention"   # in export_metadata.json
 RESIZE_POLICY = ("centre square crop (side = the shorter side, aspect ratio kept), then bilinear "
                  "antialiased resize to image_size x image_size")
 _TMP_PREFIX = ".tmp-export-"
@@ -143,9 +146,11 @@ def unit_output_name(index: int, num_units: int) -> str:
 
 
 def trunk_outputs(trunk: keras.Model, images: tf.Tensor, grid: int = LINEAR_EVAL_GRID,
-                  with_units: bool = False) -> Dict[str, tf.Tensor]:
-  """The exported outputs for float RGB images in [0, 255] (inference mode)."""
-  out = trunk(preprocessing.rgb_to_trunk_input(images), training=False)
+                  with_units: bool = False,
+                  convention: str = preprocessing.DEFAULT_CONVENTION) -> Dict[str, tf.Tensor]:
+  """The exported outputs for float RGB images in [0, 255] (inference mode), normalised by the
+  trunk's input `convention`."""
+  out = trunk(preprocessing.rgb_to_trunk_input(images, convention), training=False)
   block3 = out["block3"]
   result = {FEATURES: tf.reduce_mean(block3, axis=[1, 2]), BLOCK3: block3, GRID: pool_to_grid(block3, grid)}
   if with_units:
@@ -158,11 +163,13 @@ class TrunkExportModule(tf.Module):
   """What the SavedModel holds: the trunk and the two serving functions."""
 
   def __init__(self, trunk: keras.Model, image_size: int = DEFAULT_IMAGE_SIZE,
-               export_units: bool = False, grid: int = LINEAR_EVAL_GRID):
+               export_units: bool = False, grid: int = LINEAR_EVAL_GRID,
+               convention: str = preprocessing.DEFAULT_CONVENTION):
     super().__init__(name="tf_mtssl_trunk_export")
     if image_size < 16:
       raise ValueError(f"image_size must be at least 16 pixels, got {image_size}")
     self.trunk = trunk
+    self._convention = preprocessing.check_convention(convention)
     self._image_size, self._export_units, self._grid = int(image_size), bool(export_units), int(grid)
     self.serving_default = tf.function(
         self._from_bytes, input_signature=[tf.TensorSpec([None], tf.string, name=BYTES_INPUT)])
@@ -171,10 +178,12 @@ class TrunkExportModule(tf.Module):
                                                           name=TENSOR_INPUT)])
 
   def _from_bytes(self, image_bytes):
-    return trunk_outputs(self.trunk, decode_batch(image_bytes, self._image_size), self._grid)
+    return trunk_outputs(self.trunk, decode_batch(image_bytes, self._image_size), self._grid,
+                         convention=self._convention)
 
   def _from_tensor(self, images):
-    return trunk_outputs(self.trunk, images, self._grid, with_units=self._export_units)
+    return trunk_outputs(self.trunk, images, self._grid, with_units=self._export_units,
+                         convention=self._convention)
 
   def signatures(self) -> dict:
     return {SERVING_DEFAULT: self.serving_default.get_concrete_function(),
@@ -217,15 +226,18 @@ def _signature_summary(module: TrunkExportModule) -> dict:
 
 def export_trunk(trunk: keras.Model, export_dir: str, image_size: int = DEFAULT_IMAGE_SIZE,
                  export_units: bool = False, metadata: Optional[dict] = None,
-                 max_attempts: int = 5) -> Tuple[int, str]:
+                 max_attempts: int = 5, convention: str = preprocessing.DEFAULT_CONVENTION) -> Tuple[int, str]:
   """Writes the next version of `trunk` under export_dir; returns (version, version_dir).
+
+  `convention`: the trunk's input convention, applied inside both signatures and recorded in the
+  metadata (`input_convention`), so whoever loads `trunk.keras` can apply it too.
 
   The SavedModel, the Keras file and the metadata are written to a temporary directory that is then
   renamed to EXPORT_DIR/<max existing version + 1>; if another exporter took that number meanwhile,
   the next free one is used.
   """
   os.makedirs(export_dir, exist_ok=True)
-  module = TrunkExportModule(trunk, image_size=image_size, export_units=export_units)
+  module = TrunkExportModule(trunk, image_size=image_size, export_units=export_units, convention=convention)
   tmp = os.path.join(export_dir, f"{_TMP_PREFIX}{uuid.uuid4().hex}")
   try:
     tf.saved_model.save(module, tmp, signatures=module.signatures())
@@ -236,8 +248,8 @@ def export_trunk(trunk: keras.Model, export_dir: str, image_size: int = DEFAULT_
     info = {
         **(metadata or {}),
         "image_size": int(image_size), "resize": RESIZE_POLICY,
-        "preprocessing": "RGB [0, 255] minus VGG means "
-                         f"{list(preprocessing.VGG_RGB_MEAN)} (paper_spec 2.2), inside the graph",
+        INPUT_CONVENTION_KEY: convention,
+        "preprocessing": f"{preprocessing.INPUT_CONVENTIONS[convention]}, inside the graph",
         "feature_channels": int(block3_channels), "grid": LINEAR_EVAL_GRID,
         "num_units": len(trunk.output["units"]), "export_units": bool(export_units),
         "signatures": _signature_summary(module),
@@ -281,7 +293,7 @@ def export_run(model_dir: str, export_dir: str, checkpoint: Optional[str] = None
   if lasso is not None:  # which block-3 units each pretraining task drew on (paper_spec 5)
     metadata["lasso_alphas"] = {row: lasso.alpha(row).numpy().tolist() for row in lasso.rows}
   return export_trunk(trunk, export_dir, image_size=image_size, export_units=export_units,
-                      metadata=metadata)
+                      metadata=metadata, convention=checkpoints.input_convention(config))
 
 
 # ---- reading an export ----------------------------------------------------------------------------
@@ -299,6 +311,15 @@ def read_metadata(path: str) -> dict:
     raise FileNotFoundError(f"{file} is missing: not a tf_mtssl export")
   with open(file) as f:
     return json.load(f)
+
+
+def input_convention(path: str) -> str:
+  """The input convention of an export (version or export directory) that `trunk.keras` expects.
+
+  Exports written before it was recorded applied VGG normalisation in their graph (paper_spec 2.2).
+  """
+  metadata = read_metadata(path)
+  return preprocessing.check_convention(metadata.get(INPUT_CONVENTION_KEY, preprocessing.DEFAULT_CONVENTION))
 
 
 def load_keras_trunk(path: str) -> keras.Model:

@@ -11,6 +11,8 @@ trunk's provenance; an --output_dir made from another trunk source is refused). 
 `tf_mtssl.evaluation.depth` (network, loss) and `tf_mtssl.data.depth_sources` (data, splits).
 """
 
+from tf_mtssl import quiet  # noqa: F401  (first: silences TensorFlow's start-up noise)
+
 import dataclasses
 import logging
 import os
@@ -18,7 +20,7 @@ import os
 import keras
 from absl import app, flags
 
-from tf_mtssl import flag_utils
+from tf_mtssl import flag_utils, metrics
 from tf_mtssl.data import depth_sources
 from tf_mtssl.evaluation import common, depth
 
@@ -48,6 +50,11 @@ flags.DEFINE_integer("resize_width", 0, "tfds: resize before cropping (0: keep; 
 flags.DEFINE_integer("stereo_max_side", 768, "Stereo pairs: resize so the longer side is at most this.")
 flags.DEFINE_float("test_fraction", 1.0 / 3.0, "Stereo pairs: right fraction of each pair's columns held "
                    "out as the test split.")
+flags.DEFINE_list("eval_crop", [], "tfds: TOP,BOTTOM,LEFT,RIGHT of the scored region of the full-resolution "
+                  "test ground truth (bottom/right exclusive); empty = the whole frame (NYU [I]: "
+                  f"{','.join(map(str, depth_sources.EIGEN_CROP))}, Eigen et al.'s crop).")
+flags.DEFINE_float("max_depth", 0.0, "Test: ground truth beyond this is not scored and predictions are "
+                   "clipped to it; 0 = no cap (NYU [I]: 10 m).")
 flags.DEFINE_integer("decoder_upprojections", 3, "FCRN up-projection blocks (3: stride 16 -> 2) [I].")
 flags.DEFINE_integer("decoder_width", 0, "Channels after the decoder's 1x1 conv; 0 = block-3 channels / 2.")
 flags.DEFINE_float("berhu_c", depth.BERHU_C_FRACTION, "berHu threshold as a fraction of the batch's "
@@ -70,6 +77,16 @@ flags.DEFINE_string("output_dir", "runs/finetune_depth", "TensorBoard summaries 
                     "reused only by the same trunk source.")
 flag_utils.define_trunk_flags()
 flag_utils.define_lasso_flags()
+flag_utils.define_progress_flag()
+
+
+def _eval_crop(values):
+  if not values:
+    return None
+  try:
+    return tuple(int(v) for v in values)
+  except ValueError as e:
+    raise ValueError(f"--eval_crop takes TOP,BOTTOM,LEFT,RIGHT pixel numbers, got {','.join(values)!r}") from e
 
 
 def main(argv):
@@ -83,16 +100,19 @@ def main(argv):
       FLAGS.data, crop_height=FLAGS.crop_height, crop_width=FLAGS.crop_width,
       resize_height=FLAGS.resize_height, resize_width=FLAGS.resize_width, train_split=FLAGS.train_split,
       test_split=FLAGS.test_split, tfds_data_dir=FLAGS.tfds_data_dir,
-      stereo_max_side=FLAGS.stereo_max_side, test_fraction=FLAGS.test_fraction)
+      stereo_max_side=FLAGS.stereo_max_side, test_fraction=FLAGS.test_fraction,
+      eval_crop=_eval_crop(FLAGS.eval_crop))
   config = depth.DepthConfig(
       train_steps=FLAGS.train_steps, batch_size=FLAGS.batch_size, eval_batch_size=FLAGS.eval_batch_size,
       optimizer=FLAGS.optimizer, learning_rate=FLAGS.learning_rate,
       lr_boundaries=tuple(int(b) for b in FLAGS.lr_boundaries), lr_decay=FLAGS.lr_decay,
       momentum=FLAGS.momentum, weight_decay=FLAGS.weight_decay, clipnorm=FLAGS.clipnorm,
-      berhu_c=FLAGS.berhu_c, eval_every=FLAGS.eval_every, log_every=FLAGS.log_every, seed=FLAGS.seed)
+      berhu_c=FLAGS.berhu_c, max_depth=FLAGS.max_depth, eval_every=FLAGS.eval_every,
+      log_every=FLAGS.log_every, seed=FLAGS.seed, progress_bar=FLAGS.progress_bar)
   network = depth.DepthNetwork(
       trunk, num_upprojections=FLAGS.decoder_upprojections, width=FLAGS.decoder_width,
-      lasso_l1=FLAGS.lasso_l1 if flag_utils.lasso_applies(FLAGS.lasso, "eval") else None)
+      lasso_l1=FLAGS.lasso_l1 if flag_utils.lasso_applies(FLAGS.lasso, "eval") else None,
+      convention=common.input_convention(trunk_info))
   trainer = depth.DepthTrainer(network, config)
   common.claim_output_dir(FLAGS.output_dir, depth.EVALUATION, trunk_info)
   print(f"Depth fine-tuning (paper_spec 7.3) of {common.describe_source(trunk_info)}; data "
@@ -101,12 +121,15 @@ def main(argv):
                        summary_dir=FLAGS.output_dir)
   # Only what was used: the resolved settings, not the binary's flag defaults.
   result.update(data=source.describe(), lasso=FLAGS.lasso, config=dataclasses.asdict(config),
-                decoder={"upprojections": FLAGS.decoder_upprojections, "width": FLAGS.decoder_width})
+                decoder={"upprojections": FLAGS.decoder_upprojections, "width": FLAGS.decoder_width},
+                preprocessing=network.convention)
   path = common.write_results(FLAGS.output_dir, depth.EVALUATION, trunk_info, result)
-  print(f"delta1={result['delta1']:.4f} delta2={result['delta2']:.4f} delta3={result['delta3']:.4f} "
-        f"abs_rel={result['abs_rel']:.4f} rmse={result['rmse']:.4f} ({result['num_valid_pixels']} valid "
-        f"test pixels; skipped batches without valid ground truth: train "
-        f"{result['skipped_train_batches']}, test {result['skipped_test_batches']})")
+  for aggregation in depth.AGGREGATIONS:
+    print(f"{aggregation:>14s}: " + " ".join(f"{k}={result[aggregation][k]:.4f}"
+                                             for k in metrics.DEPTH_METRIC_NAMES))
+  print(f"({result['num_images']} test images, {result['num_valid_pixels']} valid test pixels; skipped "
+        f"batches without valid ground truth: train {result['skipped_train_batches']}, test "
+        f"{result['skipped_test_batches']})")
   print(f"Result:      {os.path.abspath(path)}")
   print(f"TensorBoard: tensorboard --logdir {os.path.abspath(FLAGS.output_dir)}")
 

@@ -13,8 +13,9 @@ The detector, input and optimisation flags are the fields of DetectorConfig, Inp
 FinetuneConfig (tf_mtssl.detection), with their defaults and help.
 """
 
+from tf_mtssl import quiet  # noqa: F401  (first: silences TensorFlow's start-up noise)
+
 import dataclasses
-import json
 import logging
 import os
 import typing
@@ -50,7 +51,7 @@ flag_utils.define_trunk_flags()
 flag_utils.define_lasso_flags()
 
 _CONFIG_CLASSES = (model_lib.DetectorConfig, data_lib.InputConfig, train_lib.FinetuneConfig)
-_NOT_FLAGS = {"num_classes"}   # from the data
+_NOT_FLAGS = {"num_classes", "preprocessing"}   # from the data; from the trunk's source
 
 
 def _define_dataclass_flags(cls):
@@ -99,11 +100,12 @@ def main(argv):
   del argv
   logging.getLogger().setLevel(logging.INFO)
   finetune_config = _dataclass_from_flags(train_lib.FinetuneConfig)
-  input_config = _dataclass_from_flags(data_lib.InputConfig)
   keras.utils.set_random_seed(finetune_config.seed)
   trunk, trunk_info = common.load_trunk(
       FLAGS.init, model_dir=FLAGS.model_dir, checkpoint=FLAGS.checkpoint, trunk_keras=FLAGS.trunk_keras,
       trunk_config=flag_utils.trunk_config_from_flags(), seed=finetune_config.seed)
+  input_config = _dataclass_from_flags(data_lib.InputConfig,
+                                       preprocessing=common.input_convention(trunk_info))
   # The pretraining half of --lasso concerns a pretrained trunk only.
   lasso = train_lib.make_lasso(FLAGS.lasso, trunk, FLAGS.lasso_l1,
                                FLAGS.model_dir if FLAGS.init == "pretrained" else "")
@@ -115,15 +117,25 @@ def main(argv):
   run_info = {"data": FLAGS.data, "train_split": train_split,
               "test_split": FLAGS.test_split, "lasso": FLAGS.lasso, "class_names": class_names,
               "input_config": dataclasses.asdict(input_config)}
-  # Print the protocol into the log (design notes: unstated protocol details cause reproduction gaps).
-  logging.info("Detection protocol:\n%s", json.dumps(
-      {"finetune": dataclasses.asdict(finetune_config), "detector": dataclasses.asdict(detector_config),
-       "trunk": trunk_info, **run_info}, indent=1, default=str))
+  # Print the protocol (design notes: unstated protocol details cause reproduction gaps): a few lines
+  # a person reads; every value is in the results file.
+  print(flag_utils.format_lines(
+      f"Detection fine-tuning (paper_spec 7.2); every setting is recorded in {train_lib.RESULTS_FILE}", [
+          ("trunk", common.describe_source(trunk_info)),
+          ("data", f"{FLAGS.data}: train split {train_split!r}, test split {FLAGS.test_split!r}, "
+                   f"{len(class_names)} classes; lasso {FLAGS.lasso}"),
+          ("input", flag_utils.describe_config(input_config, always=(
+              "min_side", "max_side", "batch_size", "preprocessing"))),
+          ("detector", flag_utils.describe_config(detector_config, always=("trunk_bn", "anchor_scales"))),
+          ("training", flag_utils.describe_config(finetune_config, always=(
+              "train_steps", "learning_rate", "lr_decay_steps"))),
+      ]), flush=True)
   results = train_lib.finetune(
       detector,
       data_lib.train_dataset(train_examples, input_config, seed=finetune_config.seed),
       data_lib.eval_dataset(test_examples, input_config, max_images=FLAGS.eval_max_images or None),
-      class_names, FLAGS.output_dir, finetune_config, trunk_source=trunk_info, run_info=run_info)
+      class_names, FLAGS.output_dir, finetune_config, trunk_source=trunk_info, run_info=run_info,
+      input_convention=input_config.preprocessing)
   print(f"mAP ({'VOC07 11-point' if finetune_config.use_07_metric else 'area'}) = {results['mAP']:.4f} "
         f"on {results['num_test_images']} {FLAGS.test_split} images at step {results['step']}")
   for name, ap in results["AP"].items():

@@ -6,7 +6,7 @@ default and help, so a new task gets its flags from its own module.
 
 import dataclasses
 import typing
-from typing import Dict, Optional
+from typing import Dict, Optional, Sequence, Tuple
 
 from absl import flags
 
@@ -30,6 +30,12 @@ def define_trunk_flags():
 def trunk_config_from_flags() -> dict:
   f = flags.FLAGS
   return trunk_lib.trunk_config(int(f.depth), int(f.output_stride), f.base_width)
+
+
+def define_progress_flag():
+  if "progress_bar" in flags.FLAGS:
+    return
+  flags.DEFINE_boolean("progress_bar", True, "Show progress bars (step, loss, rate, ETA) on stderr.")
 
 
 def define_lasso_flags():
@@ -135,6 +141,42 @@ def task_options_from_dict(name: str, values: Dict[str, object]):
       value = value.lower() in ("1", "true", "yes") if tp is bool else tp(value)
     converted[key] = value
   return options_cls(**converted)
+
+
+def _short(value) -> str:
+  if isinstance(value, (tuple, list)):
+    return ",".join(_short(v) for v in value) or "()"
+  if isinstance(value, float):
+    return f"{value:g}"
+  return str(value)
+
+
+def describe_config(config, always: Sequence[str] = ()) -> str:
+  """'field=value ...' of a config dataclass: the fields named in `always`, then those that differ
+  from the class defaults; 'defaults' when nothing else differs. For start-up lines a person reads
+  (every value is in the run's result file)."""
+  shown = []
+  for field in dataclasses.fields(config):
+    value = getattr(config, field.name)
+    default = field.default if field.default is not dataclasses.MISSING else (
+        field.default_factory() if field.default_factory is not dataclasses.MISSING else None)
+    if field.name in always or value != default:
+      shown.append(f"{field.name}={_short(value)}")
+  hidden = len(dataclasses.fields(config)) - len(shown)
+  if hidden:
+    shown.append("(other fields: defaults)" if shown else "defaults")
+  return " ".join(shown)
+
+
+def format_lines(title: str, sections: Sequence[Tuple[str, str]], width: int = 100) -> str:
+  """A title line and one wrapped, aligned line per (name, text) section."""
+  import textwrap
+  pad = max(len(name) for name, _ in sections) + 4
+  lines = [title]
+  for name, text in sections:
+    lines += textwrap.wrap(text, width=width, initial_indent=f"  {name + ':':<{pad - 2}}",
+                           subsequent_indent=" " * pad, break_on_hyphens=False) or [f"  {name}:"]
+  return "\n".join(lines)
 
 
 def parse_step_range(values, flag_name: str):

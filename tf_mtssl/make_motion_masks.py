@@ -7,6 +7,8 @@ The method and the record format are described in `tf_mtssl.motion_masks`. Every
 reported and skipped; the exit status is non-zero only when nothing at all could be produced.
 """
 
+from tf_mtssl import quiet  # noqa: F401  (first: silences TensorFlow's start-up noise)
+
 import dataclasses
 import sys
 import typing

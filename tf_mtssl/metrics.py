@@ -1,7 +1,8 @@
 """Evaluation metrics of the three transfer protocols (paper_spec 7).
 
-- `depth_metrics`: NYU depth (paper_spec 7.3): the threshold accuracies delta < 1.25^i and the error
-  measures of Eigen et al. (NIPS 2014), in TF ops (usable inside `tf.function`).
+- `depth_metrics`, `depth_metric_sums`, `DepthMetricAccumulator`: NYU depth (paper_spec 7.3): the
+  threshold accuracies delta < 1.25^i and the error measures of Eigen et al. (NIPS 2014), in TF ops
+  (usable inside `tf.function`), per image and pooled over all pixels.
 - `top_k_accuracy`: ImageNet classification top-1 / top-5 ("Recall@5", paper_spec 7.1).
 - `voc_detection_map`: PASCAL VOC detection AP / mAP (paper_spec 7.2), a NumPy port of the rules of the
   VOC devkit (`VOCevaldet.m`, and its Python port `voc_eval.py` of py-faster-rcnn).
@@ -15,39 +16,38 @@ import tensorflow as tf
 # Eigen et al.: delta_i = fraction of pixels with max(d / d*, d* / d) < 1.25 ** i.
 DELTA_BASE = 1.25
 DEPTH_METRIC_NAMES = ("delta1", "delta2", "delta3", "abs_rel", "sq_rel", "rmse", "rmse_log", "log10")
+ROOT_MEAN_METRICS = ("rmse", "rmse_log")  # square roots of means of squares; the others plain means
 
 
-def depth_metrics(pred: tf.Tensor, gt: tf.Tensor, mask: Optional[tf.Tensor] = None,
-                  min_pred_depth: float = 1e-3) -> Dict[str, tf.Tensor]:
-  """Depth-estimation metrics over all valid pixels of a batch (pooled, not averaged per image).
+def depth_metric_sums(pred: tf.Tensor, gt: tf.Tensor, mask: Optional[tf.Tensor] = None,
+                      min_pred_depth: float = 1e-3, max_depth: Optional[float] = None) -> Dict[str, tf.Tensor]:
+  """Per-image sums of each depth metric's per-pixel term (axis 0 = images), and `num_valid` per image.
 
-  Definitions (Eigen et al. 2014; d = prediction, d* = ground truth, means over the valid pixels):
-    delta{1,2,3}: mean[max(d / d*, d* / d) < 1.25 ** {1,2,3}]   (higher is better; paper_spec 7.3
-                  reports delta1 as "% pixels below 1.25")
-    abs_rel:  mean(|d - d*| / d*)          sq_rel:  mean((d - d*)^2 / d*)
-    rmse:     sqrt(mean((d - d*)^2))       rmse_log: sqrt(mean((ln d - ln d*)^2))
-    log10:    mean(|log10 d - log10 d*|)
+  Terms (d = prediction, d* = ground truth): [max(d / d*, d* / d) < 1.25 ** i] for delta{i},
+  |d - d*| / d* (abs_rel), (d - d*)^2 / d* (sq_rel), (d - d*)^2 (rmse), (ln d - ln d*)^2 (rmse_log),
+  |log10 d - log10 d*| (log10). A metric is the mean of its term over valid pixels (rmse and rmse_log
+  its square root): over one image's pixels for the per-image figure, over all pixels of a set for
+  the pooled one (`depth_metrics_from_sums`).
 
-  A pixel is valid when its ground truth is finite and > 0 (missing Kinect depth is stored as 0) and,
-  when `mask` is given, the mask is true there. Predictions are clamped below at `min_pred_depth` so the
-  log terms stay finite (the usual clamp of Eigen-style evaluation code).
-
-  Empty batches: if no pixel is valid, every metric is NaN (0 / 0) and `num_valid` is 0; callers skip
-  such batches and count them. To combine batches, weight each metric by `num_valid` (for `rmse` and
-  `rmse_log`, average their squares and take the square root at the end).
+  A pixel is valid when its ground truth is finite and > 0 (missing Kinect depth is stored as 0),
+  `mask` (if given) is true there and, with `max_depth`, the ground truth is <= max_depth (the NYU
+  protocol caps depth at 10 m). Predictions are clamped to [min_pred_depth, max_depth] (the usual clamp
+  of Eigen-style evaluation code; the lower one keeps the logs finite).
 
   Args:
-    pred: predicted depth, float, any shape (e.g. [B, H, W] or [B, H, W, 1]).
-    gt: ground-truth depth, same shape as `pred`.
-    mask: optional bool (or 0/1) tensor of the same shape; False excludes a pixel.
-    min_pred_depth: lower clamp of the predictions (metres).
+    pred, gt: float [B, ...] of one shape; mask: optional bool (or 0/1) of that shape.
   Returns:
-    Dict of float32 scalars named in DEPTH_METRIC_NAMES plus `num_valid` (int64 scalar).
+    {name: float32 [B] for DEPTH_METRIC_NAMES, "num_valid": int64 [B]}.
   """
   pred = tf.convert_to_tensor(pred, tf.float32)
   gt = tf.convert_to_tensor(gt, tf.float32)
   pred.shape.assert_is_compatible_with(gt.shape)
+  if gt.shape.rank is not None and gt.shape.rank < 2:
+    raise ValueError(f"depth_metric_sums expects [images, ...] tensors, got shape {gt.shape}")
   valid = tf.logical_and(gt > 0.0, tf.math.is_finite(gt))
+  if max_depth is not None:
+    valid = tf.logical_and(valid, gt <= max_depth)
+    pred = tf.minimum(pred, max_depth)
   if mask is not None:
     mask = tf.cast(mask, tf.bool)
     mask.shape.assert_is_compatible_with(gt.shape)
@@ -56,25 +56,85 @@ def depth_metrics(pred: tf.Tensor, gt: tf.Tensor, mask: Optional[tf.Tensor] = No
   d = tf.where(valid, tf.maximum(pred, min_pred_depth), 1.0)
   d_star = tf.where(valid, gt, 1.0)
   weights = tf.cast(valid, tf.float32)
-  num_valid = tf.reduce_sum(tf.cast(valid, tf.int64))
-  n = tf.cast(num_valid, tf.float32)
+  axes = tf.range(1, tf.rank(gt))
 
-  def mean(values):
-    return tf.math.divide(tf.reduce_sum(values * weights), n)  # 0 / 0 = NaN when nothing is valid
+  def total(values):
+    return tf.reduce_sum(values * weights, axis=axes)
 
   ratio = tf.maximum(d / d_star, d_star / d)
   diff = d - d_star
   log_diff = tf.math.log(d) - tf.math.log(d_star)
-  out = {f"delta{i}": mean(tf.cast(ratio < DELTA_BASE ** i, tf.float32)) for i in (1, 2, 3)}
-  out.update(
-      abs_rel=mean(tf.abs(diff) / d_star),
-      sq_rel=mean(tf.square(diff) / d_star),
-      rmse=tf.sqrt(mean(tf.square(diff))),
-      rmse_log=tf.sqrt(mean(tf.square(log_diff))),
-      log10=mean(tf.abs(log_diff) / tf.math.log(10.0)),
-      num_valid=num_valid,
-  )
+  out = {f"delta{i}": total(tf.cast(ratio < DELTA_BASE ** i, tf.float32)) for i in (1, 2, 3)}
+  out.update(abs_rel=total(tf.abs(diff) / d_star), sq_rel=total(tf.square(diff) / d_star),
+             rmse=total(tf.square(diff)), rmse_log=total(tf.square(log_diff)),
+             log10=total(tf.abs(log_diff) / tf.math.log(10.0)),
+             num_valid=tf.reduce_sum(tf.cast(valid, tf.int64), axis=axes))
   return out
+
+
+def _finish(name: str, mean):
+  return tf.sqrt(mean) if name in ROOT_MEAN_METRICS else mean
+
+
+def depth_metrics(pred: tf.Tensor, gt: tf.Tensor, mask: Optional[tf.Tensor] = None,
+                  min_pred_depth: float = 1e-3, max_depth: Optional[float] = None) -> Dict[str, tf.Tensor]:
+  """Depth-estimation metrics pooled over all valid pixels of a batch, in TF ops (for `tf.function`).
+
+  Definitions (Eigen et al. 2014; d = prediction, d* = ground truth, means over the valid pixels):
+    delta{1,2,3}: mean[max(d / d*, d* / d) < 1.25 ** {1,2,3}]   (higher is better; paper_spec 7.3
+                  reports delta1 as "% pixels below 1.25")
+    abs_rel:  mean(|d - d*| / d*)          sq_rel:  mean((d - d*)^2 / d*)
+    rmse:     sqrt(mean((d - d*)^2))       rmse_log: sqrt(mean((ln d - ln d*)^2))
+    log10:    mean(|log10 d - log10 d*|)
+  Validity, clamping and `max_depth` as in `depth_metric_sums`. If no pixel is valid every metric is
+  NaN (0 / 0) and `num_valid` is 0. Sets of batches, per image or pooled: `DepthMetricAccumulator`.
+
+  Args:
+    pred: predicted depth, float, any shape (e.g. [B, H, W] or [B, H, W, 1]).
+    gt: ground-truth depth, same shape as `pred`.
+    mask: optional bool (or 0/1) tensor of the same shape; False excludes a pixel.
+  Returns:
+    Dict of float32 scalars named in DEPTH_METRIC_NAMES plus `num_valid` (int64 scalar).
+  """
+  flat = lambda x: None if x is None else tf.reshape(x, [1, -1])  # noqa: E731 (one "image")
+  sums = depth_metric_sums(flat(tf.convert_to_tensor(pred, tf.float32)), flat(tf.convert_to_tensor(gt, tf.float32)),
+                           flat(mask), min_pred_depth, max_depth)
+  n = tf.cast(sums["num_valid"][0], tf.float32)
+  out = {name: _finish(name, tf.math.divide(sums[name][0], n)) for name in DEPTH_METRIC_NAMES}
+  return {**out, "num_valid": sums["num_valid"][0]}
+
+
+class DepthMetricAccumulator:
+  """Collects `depth_metric_sums` of a test set; reports both NYU aggregations, named as such.
+
+  `per_image_mean`: each image's metrics (over its valid pixels), averaged over the images that have
+  a valid pixel (Eigen et al.'s evaluation code and most NYU tables). `pooled`: every valid pixel of
+  the set weighs the same (rmse = sqrt of the mean squared error over all pixels).
+  """
+
+  def __init__(self):
+    self._sums = {name: [] for name in DEPTH_METRIC_NAMES + ("num_valid",)}
+
+  def add(self, sums: Dict[str, object], num_images: Optional[int] = None) -> None:
+    """Adds the first `num_images` images (default: all) of one `depth_metric_sums` result."""
+    for name, values in sums.items():
+      values = np.asarray(values, np.float64).reshape(-1)
+      self._sums[name].append(values[:num_images] if num_images is not None else values)
+
+  def result(self) -> Dict[str, object]:
+    """{"per_image_mean": {metric: float}, "pooled": {...}, "num_images", "num_images_without_valid_pixels",
+    "num_valid_pixels"}. Raises ValueError if no pixel is valid."""
+    sums = {name: np.concatenate(v) if v else np.zeros([0]) for name, v in self._sums.items()}
+    counts = sums["num_valid"]
+    total = float(counts.sum())
+    if total == 0:
+      raise ValueError("No valid ground-truth pixel in the evaluated images")
+    have = counts > 0
+    root = lambda name, x: np.sqrt(x) if name in ROOT_MEAN_METRICS else x  # noqa: E731
+    pooled = {name: float(root(name, sums[name].sum() / total)) for name in DEPTH_METRIC_NAMES}
+    per_image = {name: float(np.mean(root(name, sums[name][have] / counts[have]))) for name in DEPTH_METRIC_NAMES}
+    return {"per_image_mean": per_image, "pooled": pooled, "num_images": int(counts.size),
+            "num_images_without_valid_pixels": int((~have).sum()), "num_valid_pixels": int(total)}
 
 
 def top_k_accuracy(labels: tf.Tensor, logits: tf.Tensor, k: int) -> tf.Tensor:

@@ -1,19 +1,50 @@
-"""The trunk's input convention (paper_spec 2.2): RGB in [0, 255] minus the VGG channel means."""
+"""The trunk's input conventions, and the random crops of the pretraining pipelines.
+
+A trunk expects its RGB input normalised the way it was trained. The convention is a recorded property
+of a run (`checkpoints.input_convention`, `run_config.json` key "preprocessing") that every consumer
+applies: the evaluations, the export's serving signatures and, through them, the server.
+  vgg        RGB in [0, 255] minus the per-channel ImageNet means, no std division (paper_spec 2.2;
+             the authors' released model, S1): every tf_mtssl pretraining run;
+  inception  RGB scaled to [-1, 1] (x / 127.5 - 1): tf-slim's ImageNet classification checkpoints
+             (the "INet Labels" baseline, paper_spec 7.4), trained with slim's inception preprocessing.
+"""
 
 import tensorflow as tf
 
 # paper_spec 2.2 / S1: "VGG-style" per-channel RGB means; no std division.
 VGG_RGB_MEAN = (123.68, 116.779, 103.939)
+VGG, INCEPTION = "vgg", "inception"
+INPUT_CONVENTIONS = {
+    VGG: f"RGB [0, 255] minus VGG means {list(VGG_RGB_MEAN)} (paper_spec 2.2)",
+    INCEPTION: "RGB [0, 255] scaled to [-1, 1] (x / 127.5 - 1; tf-slim ImageNet models)",
+}
+DEFAULT_CONVENTION = VGG  # what pretraining uses (paper_spec 2.2)
 
 
-def rgb_to_trunk_input(rgb: tf.Tensor) -> tf.Tensor:
-  """uint8 or float RGB in [0, 255], any leading dims -> float32 mean-subtracted trunk input."""
-  return tf.cast(rgb, tf.float32) - tf.constant(VGG_RGB_MEAN, tf.float32)
+def check_convention(convention: str) -> str:
+  """Returns `convention` if known, else raises ValueError naming the known ones."""
+  if convention not in INPUT_CONVENTIONS:
+    raise ValueError(f"Unknown input convention (preprocessing) {convention!r}; choose one of "
+                     f"{sorted(INPUT_CONVENTIONS)}")
+  return convention
 
 
-def trunk_input_to_rgb(x: tf.Tensor) -> tf.Tensor:
+def rgb_to_trunk_input(rgb: tf.Tensor, convention: str = DEFAULT_CONVENTION) -> tf.Tensor:
+  """uint8 or float RGB in [0, 255], any leading dims -> float32 trunk input of `convention`."""
+  rgb = tf.cast(rgb, tf.float32)
+  if check_convention(convention) == INCEPTION:
+    return rgb / 127.5 - 1.0
+  return rgb - tf.constant(VGG_RGB_MEAN, tf.float32)
+
+
+def trunk_input_to_rgb(x: tf.Tensor, convention: str = DEFAULT_CONVENTION) -> tf.Tensor:
   """Inverse of `rgb_to_trunk_input`, for display: float RGB in [0, 1]."""
-  return tf.clip_by_value((tf.cast(x, tf.float32) + tf.constant(VGG_RGB_MEAN, tf.float32)) / 255.0, 0.0, 1.0)
+  x = tf.cast(x, tf.float32)
+  if check_convention(convention) == INCEPTION:
+    rgb = (x + 1.0) * 127.5
+  else:
+    rgb = x + tf.constant(VGG_RGB_MEAN, tf.float32)
+  return tf.clip_by_value(rgb / 255.0, 0.0, 1.0)
 
 
 def random_crop_resize(image: tf.Tensor, size: int, seed: tf.Tensor, min_scale: float = 0.35) -> tf.Tensor:

@@ -14,6 +14,8 @@ not be formed within --cluster_timeout_s, or a peer worker lost mid-run; 42
 input pipeline, without, --stop_grace_s later): run the same command again to resume.
 """
 
+from tf_mtssl import quiet  # noqa: F401  (first: silences TensorFlow's start-up noise)
+
 import logging
 import os
 import sys
@@ -64,7 +66,6 @@ flags.DEFINE_enum("distribution", "default", list(distribute.DISTRIBUTIONS),
 flags.DEFINE_float("cluster_timeout_s", distribute.DEFAULT_CLUSTER_TIMEOUT_S,
                    "multi_worker: longest wait for every worker of TF_CONFIG's cluster to start; after "
                    "it, the worker fails naming the addresses that did not answer.")
-flags.DEFINE_boolean("progress_bar", True, "Show a progress bar.")
 flags.DEFINE_enum("mixed_precision", "none", list(train.MIXED_PRECISION_POLICIES),
                   "Keras mixed precision: bfloat16 (CPUs with AVX512-BF16, TPUs, recent GPUs) or float16 "
                   "(GPUs; adds dynamic loss scaling). Heads' logits and losses stay float32.")
@@ -80,6 +81,7 @@ flags.DEFINE_float("stop_grace_s", 60.0, "After SIGTERM/SIGINT, the longest wait
                    "input pipeline) the run exits without saving, resumable from its newest checkpoint.")
 flag_utils.define_trunk_flags()
 flag_utils.define_lasso_flags()
+flag_utils.define_progress_flag()
 flag_utils.define_task_option_flags()
 
 

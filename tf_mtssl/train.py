@@ -70,9 +70,8 @@ from typing import Dict, List, Optional, Tuple
 import keras
 import numpy as np
 import tensorflow as tf
-from tqdm import tqdm
 
-from tf_mtssl import checkpoints, distribute, run_lock
+from tf_mtssl import checkpoints, distribute, preprocessing, progress, run_lock
 from tf_mtssl import optimizer as optimizer_lib
 from tf_mtssl.data import sources
 from tf_mtssl.model import MultiTaskModel
@@ -415,6 +414,8 @@ class Trainer:
         "image_size": next(iter(self.tasks.values())).image_size,
         "harmonize": next(iter(self.tasks.values())).harmonize,
         "lasso": lasso_l1, "data": self.data, "train": dataclasses.asdict(config),
+        # The tasks feed the trunk VGG-normalised RGB (paper_spec 2.2); consumers read it from here.
+        checkpoints.PREPROCESSING_KEY: preprocessing.DEFAULT_CONVENTION,
         **(run_config_extra or {}),
     }
     checkpoints.check_compatible(model_dir, self.run_config)
@@ -757,8 +758,7 @@ class Trainer:
     image_iterators = None
     writer = tf.summary.create_file_writer(os.path.join(self.write_dir, "train"))
     last: Dict[str, Dict[str, float]] = {}
-    bar = tqdm(total=cfg.train_steps, initial=start, disable=not (cfg.progress_bar and self.chief),
-               unit="step", dynamic_ncols=True)
+    bar = progress.bar(total=cfg.train_steps, initial=start, enabled=cfg.progress_bar and self.chief)
     tick_time, tick_step = time.time(), start
     step = start
     stop.phase = "training"

@@ -3,10 +3,14 @@
 Specs (`DepthSource(spec, ...)`):
   `tfds:nyu_depth_v2`  NYU Depth v2 as prepared by tensorflow-datasets in `tfds_data_dir` (never
                        downloaded): `image` uint8 [480, 640, 3], `depth` in metres; splits `train`
-                       and `validation` (the 654 labelled test images). Optionally resized (image
-                       bilinear, depth nearest, so unknown pixels stay unknown) to
-                       resize_height x resize_width, then crop_height x crop_width crops: random with a
-                       random horizontal flip for training, central for the test split.
+                       and `validation` (the 654 labelled test images). Training: frames optionally
+                       resized (image bilinear, depth nearest, so unknown pixels stay unknown) to
+                       resize_height x resize_width, then random crop_height x crop_width crops with a
+                       random horizontal flip. Test (the standard protocol of Eigen et al. and FCRN):
+                       the network sees the whole frame at the training resolution (resized as for
+                       training), and is scored against the ground truth at its FULL resolution
+                       (640 x 480) inside `eval_crop` (`EIGEN_CROP`), its prediction upsampled to it
+                       (`tf_mtssl.evaluation.depth`); the depth cap is the evaluation's `max_depth`.
   `embedded`           the embedded real stereo pairs with ground truth (`embedded.stereo_dir()`:
                        Middlebury Motorcycle from scikit-image, Aloe from opencv-doc);
   a folder             stereo pairs in the same layout: `<folder>/<pair>/left.{png,jpg}` and
@@ -27,8 +31,10 @@ random crops (plus a random horizontal flip) entirely inside the left part, the 
 fixed grid of non-overlapping crop_height x crop_width tiles of the right part (the remainder that does
 not fill a tile is unused). Train and test never share a pixel.
 
-Elements are {"image": float32 [h, w, 3] RGB in [0, 255], "depth": float32 [h, w], 0 = unknown}.
-Training datasets are infinite and shuffled, test datasets finite and in a fixed order.
+Training elements are {"image": float32 [h, w, 3] RGB in [0, 255], "depth": float32 [h, w], 0 =
+unknown}; test elements add "mask": bool [H, W], the pixels that are scored (the crop), and their
+"depth" may be larger than "image" (tfds: full resolution). Training datasets are infinite and
+shuffled, test datasets finite and in a fixed order.
 """
 
 import dataclasses
@@ -43,6 +49,9 @@ from tf_mtssl.data import embedded, sources
 
 _AUTOTUNE = tf.data.AUTOTUNE
 DISPARITY_UNIT = 32.0  # pixels of disparity per unit of the inverse-depth target [I]
+# [I] Eigen et al. 2014's evaluation crop of the 480 x 640 NYU frames (rows 45-470, columns 41-600),
+# as top, bottom, left, right (bottom/right exclusive); the crop of FCRN's, BTS's and AdaBins' NYU code.
+EIGEN_CROP = (45, 471, 41, 601)
 KINDS = ("tfds", "stereo")
 
 
@@ -120,12 +129,14 @@ class DepthSource:
     tfds_data_dir: where prepared tensorflow-datasets live (None: the tfds default).
     stereo_max_side: stereo only: longer side of the pairs after resizing.
     test_fraction: stereo only: the right fraction of each pair's columns held out for testing.
+    eval_crop: tfds only: (top, bottom, left, right) of the scored region of the full-resolution test
+      ground truth (bottom/right exclusive); None = the whole frame. NYU: `EIGEN_CROP`.
   """
 
   def __init__(self, spec: str, *, crop_height: int, crop_width: int, resize_height: int = 0,
                resize_width: int = 0, train_split: str = "train", test_split: str = "validation",
                tfds_data_dir: Optional[str] = None, stereo_max_side: int = 768,
-               test_fraction: float = 1.0 / 3.0):
+               test_fraction: float = 1.0 / 3.0, eval_crop: Optional[Tuple[int, int, int, int]] = None):
     if crop_height < 16 or crop_width < 16:
       raise ValueError(f"crops must be at least 16 x 16 pixels, got {crop_height} x {crop_width}")
     if (resize_height > 0) != (resize_width > 0):
@@ -140,6 +151,15 @@ class DepthSource:
     self.resize = (int(resize_height), int(resize_width))
     self.train_split, self.test_split, self.tfds_data_dir = train_split, test_split, tfds_data_dir
     self.test_fraction = float(test_fraction)
+    self.eval_crop = None if eval_crop is None else tuple(int(v) for v in eval_crop)
+    if self.eval_crop is not None:
+      c = self.eval_crop
+      if len(c) != 4 or not (0 <= c[0] < c[1] and 0 <= c[2] < c[3]):
+        raise ValueError(f"eval_crop must be TOP,BOTTOM,LEFT,RIGHT with 0 <= top < bottom and 0 <= left < "
+                         f"right, got {eval_crop}")
+      if not spec.startswith("tfds:"):
+        raise ValueError(f"eval_crop applies to the full-resolution tfds test frames, not to {spec!r} "
+                         "(its test split is a grid of tiles, scored whole)")
     if spec.startswith("tfds:"):
       self.kind, self.target = "tfds", "depth in metres"
       self._builder = self._tfds_builder()
@@ -167,7 +187,8 @@ class DepthSource:
                        "--train_split / --test_split)")
     return sources.prepared_tfds_builder(name, self.tfds_data_dir, required_features=("image", "depth"))
 
-  def _tfds_split(self, split: str) -> tf.data.Dataset:
+  def _tfds_split(self, split: str, resize_depth: bool = True) -> tf.data.Dataset:
+    """(image, depth) of a split, the image resized to `resize`; the depth too when `resize_depth`."""
     try:
       ds = self._builder.as_dataset(split=split, shuffle_files=split == self.train_split)
     except (ValueError, KeyError) as e:  # an unknown split; re-raised naming the known ones
@@ -179,10 +200,22 @@ class DepthSource:
       depth = _valid_depth(tf.cast(ex["depth"], tf.float32))
       if rh:
         image = tf.image.resize(image, [rh, rw], method="bilinear", antialias=True)
-        depth = tf.image.resize(depth[..., None], [rh, rw], method="nearest")[..., 0]
+        if resize_depth:
+          depth = tf.image.resize(depth[..., None], [rh, rw], method="nearest")[..., 0]
       return image, depth
 
     return ds.map(prepare, num_parallel_calls=_AUTOTUNE)
+
+  def _crop_mask(self, depth: tf.Tensor) -> tf.Tensor:
+    """bool [H, W]: True inside `eval_crop` (everywhere without one)."""
+    shape = tf.shape(depth)
+    if self.eval_crop is None:
+      return tf.ones(shape, tf.bool)
+    top, bottom, left, right = self.eval_crop
+    rows, cols = tf.range(shape[0]), tf.range(shape[1])
+    in_rows = tf.logical_and(rows >= top, rows < bottom)
+    in_cols = tf.logical_and(cols >= left, cols < right)
+    return tf.logical_and(in_rows[:, None], in_cols[None, :])
 
   # ---- stereo ---------------------------------------------------------------------------------
   def _split_column(self, pair: StereoPair) -> int:
@@ -226,22 +259,22 @@ class DepthSource:
     return ds.map(lambda e, s: _random_crop_flip(e[0], e[1], s, ch, cw), num_parallel_calls=_AUTOTUNE)
 
   def test_dataset(self) -> tf.data.Dataset:
-    """Finite dataset of the test split: central crops (tfds) or the fixed tiles (stereo)."""
+    """Finite dataset of the test split: whole frames with full-resolution ground truth and the
+    `eval_crop` mask (tfds), or the fixed tiles, scored whole (stereo)."""
     ch, cw = self.crop
     if self.kind == "tfds":
-      def center(image, depth):
-        h, w = tf.shape(depth)[0], tf.shape(depth)[1]
-        top, left = (h - ch) // 2, (w - cw) // 2
-        return {"image": tf.ensure_shape(image[top:top + ch, left:left + cw], [ch, cw, 3]),
-                "depth": tf.ensure_shape(depth[top:top + ch, left:left + cw], [ch, cw])}
-      return self._tfds_split(self.test_split).map(center, num_parallel_calls=_AUTOTUNE)
+      def full(image, depth):
+        return {"image": image, "depth": depth, "mask": self._crop_mask(depth)}
+      return self._tfds_split(self.test_split, resize_depth=False).map(full, num_parallel_calls=_AUTOTUNE)
     by_name = {p.name: p for p in self.pairs}
     images, depths = [], []
     for name, top, left in self.test_tiles():
       pair = by_name[name]
       images.append(pair.image[top:top + ch, left:left + cw].astype(np.float32))
       depths.append(pair.target[top:top + ch, left:left + cw])
-    return tf.data.Dataset.from_tensor_slices({"image": np.stack(images), "depth": np.stack(depths)})
+    depths = np.stack(depths)
+    return tf.data.Dataset.from_tensor_slices({"image": np.stack(images), "depth": depths,
+                                               "mask": np.ones(depths.shape, bool)})
 
   def describe(self) -> dict:
     out = {"spec": self.spec, "kind": self.kind, "target": self.target, "crop": list(self.crop)}
@@ -249,5 +282,7 @@ class DepthSource:
       out.update(pairs={p.name: list(p.target.shape) for p in self.pairs},
                  test_fraction=self.test_fraction, num_test_tiles=len(self.test_tiles()))
     else:
-      out.update(resize=list(self.resize), train_split=self.train_split, test_split=self.test_split)
+      out.update(resize=list(self.resize), train_split=self.train_split, test_split=self.test_split,
+                 eval_crop=None if self.eval_crop is None else list(self.eval_crop),
+                 test_resolution="full (ground truth at its own size, prediction upsampled to it)")
     return out

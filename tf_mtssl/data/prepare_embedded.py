@@ -117,6 +117,8 @@ class Step:
     module, _, attr = self.fn.partition(":")
     if not module or not attr:
       raise ValueError(f"Step {self.name!r}: bad function spec {self.fn!r}; expected 'module:function'")
+    # These steps import TensorFlow: quietly (only now, so an up-to-date run never pays the import).
+    importlib.import_module("tf_mtssl.quiet")
     return getattr(importlib.import_module(module), attr)
 
 

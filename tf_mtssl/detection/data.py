@@ -37,12 +37,16 @@ class InputConfig:
   max_boxes: int = _field(64, "Ground-truth boxes padded to this per training image (VOC07: <= 42).")
   flip: bool = _field(True, "Random horizontal flips in training.")
   train_use_difficult: bool = _field(False, "Train on VOC 'difficult' objects too (py-faster-rcnn: no).")
+  preprocessing: str = _field(preprocessing.DEFAULT_CONVENTION,
+                              "The trunk's input convention (`tf_mtssl.preprocessing`), from its source: "
+                              "recorded with the run, never a flag.")
 
   def __post_init__(self):
     if not 16 <= self.min_side <= self.max_side:
       raise ValueError(f"Need 16 <= min_side <= max_side, got {self.min_side}, {self.max_side}")
     if self.batch_size < 1 or self.max_boxes < 1:
       raise ValueError(f"batch_size and max_boxes must be >= 1, got {self.batch_size}, {self.max_boxes}")
+    preprocessing.check_convention(self.preprocessing)
 
 
 def _signature():
@@ -113,7 +117,7 @@ def _resize(image, config: InputConfig):
   new_hw = tf.cast(tf.round(tf.cast(shape[:2], tf.float32) * scale), tf.int32)
   resized = tf.image.resize(image, new_hw, method="bilinear", antialias=True)
   scale_yx = tf.cast(new_hw, tf.float32) / tf.cast(shape[:2], tf.float32)   # exact per-axis factors
-  return preprocessing.rgb_to_trunk_input(resized), new_hw, scale_yx
+  return preprocessing.rgb_to_trunk_input(resized, config.preprocessing), new_hw, scale_yx
 
 
 def train_features(example: Dict[str, tf.Tensor], seed: tf.Tensor, config: InputConfig) -> Dict[str, tf.Tensor]:

@@ -68,8 +68,9 @@ class DetectorConfig:
   test_score_threshold: float = _field(0.05, "Detections scoring below this are dropped at test time.")
   test_nms_iou: float = _field(0.3, "Per-class NMS IoU threshold at test time (py-faster-rcnn VOC).")
   max_detections: int = _field(100, "Detections kept per image at test time.")
-  trunk_bn: str = _field("train", "Trunk batch norm in training: 'train' (batch statistics, "
-                         "fine-tuned) or 'frozen' (moving statistics) [I]; see FasterRCNN.")
+  trunk_bn: str = _field("frozen", "Trunk batch norm while fine-tuning: 'frozen' (moving statistics "
+                         "used, gamma/beta fixed: py-faster-rcnn, Detectron, TF OD API) or 'train' "
+                         "(batch statistics, gamma/beta trained); see FasterRCNN.")
   bn_momentum: float = _field(0.997, "Moving-average decay of every BN layer of the detector "
                               "(slim's 0.997; smaller for short runs).")
 
@@ -145,12 +146,15 @@ def trunk_stride(trunk: keras.Model) -> int:
 class FasterRCNN(keras.Model):
   """Two-stage detector on a `tf_mtssl.trunk` block-3 trunk.
 
-  Batch norm [I]: the paper's fine-tuning details are not recovered. With `trunk_bn="train"` (default)
-  the trunk's BN layers use batch statistics during training (and are fine-tuned like every other
-  layer, paper_spec 7.2 "whole network fine-tuned"), so a randomly initialised trunk is normalised
-  too and one recipe serves every initialisation; `"frozen"` uses the trunk's moving statistics
-  (TF OD API / Detectron2 practice for ImageNet trunks). Block 4 always trains its BN on the RoI batch.
-  `bn_momentum` sets the moving-average decay of every BN layer of the detector.
+  Batch norm [I]: the paper's fine-tuning details are not recovered. With `trunk_bn="frozen"` (default)
+  the trunk's BN layers are fixed affine maps, as py-faster-rcnn, Detectron and the TF Object
+  Detection API fine-tune detectors: they normalise with the pretrained moving statistics (batch
+  statistics of one or two images, `--batch_size=1`, would be noise) and their gamma/beta are not
+  trained (made non-trainable, so no optimizer sees them); every other trunk layer is fine-tuned
+  (paper_spec 7.2 "whole network fine-tuned"). `"train"` uses batch statistics in training, updates
+  the moving averages and trains gamma/beta (a random-init trunk has no statistics worth freezing).
+  Block 4 always trains its BN on the RoI batch. `bn_momentum` sets the moving-average decay of every
+  BN layer of the detector.
 
   Attributes:
     trunk: the block-3 trunk (from a pretraining run, an export or random init).
@@ -177,6 +181,13 @@ class FasterRCNN(keras.Model):
       for layer in model.layers:   # functional models: every BN layer is a direct layer
         if isinstance(layer, layers.BatchNormalization):
           layer.momentum = config.bn_momentum
+    for layer in self.trunk_batch_norms():
+      # Keras 3: a non-trainable BN also runs in inference mode and leaves its statistics alone.
+      layer.trainable = config.trunk_bn == "train"
+
+  def trunk_batch_norms(self):
+    """The trunk's BatchNormalization layers (frozen or trained as `config.trunk_bn` says)."""
+    return [layer for layer in self.trunk.layers if isinstance(layer, layers.BatchNormalization)]
 
   # ---- shared pieces ------------------------------------------------------------------------------
   def features(self, images: tf.Tensor, training: bool) -> tf.Tensor:

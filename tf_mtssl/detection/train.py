@@ -22,6 +22,7 @@ import tensorflow as tf
 from tf_mtssl import checkpoints
 from tf_mtssl import metrics
 from tf_mtssl import preprocessing
+from tf_mtssl import progress as progress_lib
 from tf_mtssl.detection.model import LASSO_ROW, FasterRCNN
 from tf_mtssl.evaluation import common
 
@@ -55,6 +56,7 @@ class FinetuneConfig:
   eval_every: int = _field(0, "Steps between test-set evaluations (0: only at the end).")
   summary_images: int = _field(4, "Test images with their predicted boxes written to TensorBoard.")
   use_07_metric: bool = _field(True, "VOC2007 11-point AP (paper_spec 7.2); false: VOC2010+ area AP.")
+  progress_bar: bool = _field(True, "Show progress bars (step, loss, rate, ETA) on stderr.")
 
   def __post_init__(self):
     for name in ("train_steps", "log_every", "checkpoint_every", "keep_checkpoints"):
@@ -126,9 +128,11 @@ def make_detect_fn(detector: FasterRCNN, element_spec):
   return detect
 
 
-def draw_detections(images: tf.Tensor, detections: Dict[str, tf.Tensor], min_score: float = 0.3) -> tf.Tensor:
-  """Trunk-input images [B, H, W, 3] with boxes scoring >= min_score drawn, in [0, 1], for TensorBoard."""
-  rgb = preprocessing.trunk_input_to_rgb(images)
+def draw_detections(images: tf.Tensor, detections: Dict[str, tf.Tensor], min_score: float = 0.3,
+                    convention: str = preprocessing.DEFAULT_CONVENTION) -> tf.Tensor:
+  """Trunk-input images [B, H, W, 3] (of input `convention`) with boxes scoring >= min_score drawn, in
+  [0, 1], for TensorBoard."""
+  rgb = preprocessing.trunk_input_to_rgb(images, convention)
   hw = tf.cast(tf.shape(images)[1:3], tf.float32)
   boxes = detections["boxes"] / tf.concat([hw, hw], 0)
   keep = detections["scores"] >= min_score
@@ -139,7 +143,8 @@ def draw_detections(images: tf.Tensor, detections: Dict[str, tf.Tensor], min_sco
 
 
 def evaluate(detector: FasterRCNN, eval_ds: tf.data.Dataset, num_classes: int,
-             use_07_metric: bool = True, detect_fn=None, summary_images: int = 0) -> Dict[str, object]:
+             use_07_metric: bool = True, detect_fn=None, summary_images: int = 0,
+             progress_bar: bool = False, convention: str = preprocessing.DEFAULT_CONVENTION) -> Dict[str, object]:
   """VOC AP of `detector` on a finite batched `eval_dataset` (`tf_mtssl.detection.data`).
 
   Detections are mapped back to the original image resolution (divided by the resize factors) and
@@ -151,10 +156,12 @@ def evaluate(detector: FasterRCNN, eval_ds: tf.data.Dataset, num_classes: int,
   gt_b, gt_l, gt_d, det_b, det_l, det_s = [], [], [], [], [], []
   drawn = []
   start = time.time()
+  bar = progress_lib.bar(enabled=progress_bar, unit="img", desc="test", leave=False)
   for batch in eval_ds:
     out = detect_fn({"image": batch["image"], "image_shape": batch["image_shape"]})
+    bar.update(int(batch["image"].shape[0]))
     if summary_images and sum(int(d.shape[0]) for d in drawn) < summary_images:
-      drawn.append(draw_detections(batch["image"], out))
+      drawn.append(draw_detections(batch["image"], out, convention=convention))
     out = {k: v.numpy() for k, v in out.items()}
     b = {k: v.numpy() for k, v in batch.items() if k.startswith("gt_") or k == "scale"}
     for i in range(len(out["num_detections"])):
@@ -167,6 +174,7 @@ def evaluate(detector: FasterRCNN, eval_ds: tf.data.Dataset, num_classes: int,
       det_b.append(out["boxes"][i, :n] / scale)
       det_l.append(out["classes"][i, :n])
       det_s.append(out["scores"][i, :n])
+  bar.close()
   if not gt_b:
     raise ValueError("The evaluation dataset is empty")
   result = metrics.voc_detection_map(gt_b, gt_l, gt_d, det_b, det_l, det_s, num_classes,
@@ -182,7 +190,8 @@ def _json_float(x: float):
 
 def finetune(detector: FasterRCNN, train_ds: tf.data.Dataset, eval_ds: Optional[tf.data.Dataset],
              class_names: List[str], output_dir: str, config: FinetuneConfig, trunk_source: Dict,
-             run_info: Optional[dict] = None) -> Dict[str, object]:
+             run_info: Optional[dict] = None,
+             input_convention: str = preprocessing.DEFAULT_CONVENTION) -> Dict[str, object]:
   """Trains to `config.train_steps` (resuming from `output_dir`), evaluates, writes the results.
 
   Args:
@@ -195,6 +204,8 @@ def finetune(detector: FasterRCNN, train_ds: tf.data.Dataset, eval_ds: Optional[
     config: optimisation settings.
     trunk_source: the provenance of the detector's trunk (`common.load_trunk`).
     run_info: more entries of the results file (data, splits, input settings).
+    input_convention: the convention of the datasets' trunk-input images (`InputConfig.preprocessing`),
+      for the TensorBoard images.
   Returns:
     {"mAP", "AP" {class: value}, "step", "train_images_per_sec", ...} (also written as JSON).
   """
@@ -222,7 +233,7 @@ def finetune(detector: FasterRCNN, train_ds: tf.data.Dataset, eval_ds: Optional[
     if eval_ds is None:
       return None
     result = evaluate(detector, eval_ds, len(class_names), config.use_07_metric, detect_fn,
-                      config.summary_images)
+                      config.summary_images, progress_bar=config.progress_bar, convention=input_convention)
     with eval_writer.as_default(step=at_step):
       tf.summary.scalar("mAP", result["mAP"])
       for name, ap in zip(class_names, result["AP"]):
@@ -238,6 +249,7 @@ def finetune(detector: FasterRCNN, train_ds: tf.data.Dataset, eval_ds: Optional[
   timed_images, timed_seconds = 0, 0.0
   last_losses: Dict[str, float] = {}
   first_step = True
+  bar = progress_lib.bar(total=config.train_steps, initial=int(step), enabled=config.progress_bar)
   while int(step) < config.train_steps:
     batch = next(iterator)
     current = int(step)
@@ -255,6 +267,8 @@ def finetune(detector: FasterRCNN, train_ds: tf.data.Dataset, eval_ds: Optional[
                                f"{ {k: float(v) for k, v in losses.items()} }")
     step.assign_add(1)
     done = int(step)
+    bar.update(1)
+    bar.set_postfix(loss=f"{loss_value:.4f}", refresh=False)   # already on the host: no extra sync
     if done % config.log_every == 0 or done == config.train_steps:
       last_losses = {k: float(v) for k, v in losses.items()}
       with train_writer.as_default(step=done):
@@ -263,12 +277,14 @@ def finetune(detector: FasterRCNN, train_ds: tf.data.Dataset, eval_ds: Optional[
         tf.summary.scalar("learning_rate", float(optimizer.learning_rate))
         if timed_seconds > 0:
           tf.summary.scalar("images_per_sec", timed_images / timed_seconds)
-      log.info("step %d/%d: %s", done, config.train_steps,
+      # DEBUG: the progress bar shows the loss; every value is in TensorBoard.
+      log.debug("step %d/%d: %s", done, config.train_steps,
                " ".join(f"{k}={v:.4f}" for k, v in sorted(last_losses.items())))
     if done % config.checkpoint_every == 0 or done == config.train_steps:
       manager.save(checkpoint_number=done)
     if config.eval_every and done % config.eval_every == 0 and done < config.train_steps:
       run_eval(done)
+  bar.close()
   result = run_eval(int(step))
   images_per_sec = timed_images / timed_seconds if timed_seconds > 0 else None
   summary = {

@@ -25,7 +25,7 @@ from typing import Dict, NamedTuple, Optional, Sequence
 
 import keras
 
-from tf_mtssl import checkpoints
+from tf_mtssl import checkpoints, preprocessing
 from tf_mtssl import trunk as trunk_lib
 
 log = logging.getLogger(__name__)
@@ -124,6 +124,28 @@ def _load_keras_trunk(path: str):
 def load_keras_trunk(path: str) -> keras.Model:
   """A `trunk.keras` file, or an export directory / version directory of `tf_mtssl.export_lib`."""
   return _load_keras_trunk(path)[0]
+
+
+def input_convention(provenance: Dict) -> str:
+  """The input convention (`tf_mtssl.preprocessing`) a trunk source was trained with, as recorded there.
+
+  A run: its run_config.json (pretraining runs: VGG, paper_spec 2.2; imported slim checkpoints: as
+  imported); an export, or a `trunk.keras` file inside one (`<version>/assets.extra/`, beside
+  export_metadata.json): the export's metadata; random init with a run's architecture: that run's, so
+  the baseline sees the same inputs. A `.keras` file without export metadata, or random init of the
+  flags' architecture: VGG, what pretraining uses.
+  """
+  source = provenance.get("source")
+  if source == "run":
+    return checkpoints.input_convention(checkpoints.load_run_config(provenance["model_dir"]))
+  if source == "random" and provenance.get("architecture_of"):
+    return checkpoints.input_convention(checkpoints.load_run_config(provenance["architecture_of"]))
+  if source in ("export", "keras_file"):
+    from tf_mtssl import export_lib  # only this path needs the export module
+    version_dir = provenance.get("export_dir") or os.path.dirname(os.path.dirname(provenance["keras_file"]))
+    if os.path.isfile(os.path.join(version_dir, export_lib.EXTRA_DIR, export_lib.METADATA_FILE)):
+      return export_lib.input_convention(version_dir)
+  return preprocessing.DEFAULT_CONVENTION
 
 
 def describe_source(provenance: Dict) -> str:

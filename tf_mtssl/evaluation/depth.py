@@ -25,8 +25,13 @@ errors equally; berHu on the linear output needs neither.
 
 A batch whose ground truth has no valid pixel is skipped (no update, or left out of the metrics) and
 counted (`skipped_train_batches`, `skipped_test_batches`), so no metric is ever NaN.
-Metrics: `tf_mtssl.metrics.depth_metrics` pooled over all valid test pixels (delta1 is the paper's
-"% pixels below 1.25").
+Test protocol (Eigen et al. 2014, FCRN; paper_spec 7.3 [I]): the network sees each test image at the
+resolution its source gives (NYU: the whole frame at the training resolution), its prediction is
+bilinearly upsampled to the ground truth's own resolution (NYU: 640 x 480) and scored inside the
+source's mask (NYU: the Eigen crop), with ground truth beyond `max_depth` left out and predictions
+clipped to it (NYU: 10 m). Every metric of `tf_mtssl.metrics` is reported twice, named as such:
+`per_image_mean` (each image's metric, averaged over images, as Eigen et al.'s code) and `pooled`
+(all valid pixels of the set weighing the same). delta1 is the paper's "% pixels below 1.25".
 """
 
 import dataclasses
@@ -41,12 +46,15 @@ from keras import layers
 
 from tf_mtssl import lasso as lasso_lib
 from tf_mtssl import metrics, preprocessing
+from tf_mtssl import progress as progress_lib
 from tf_mtssl import trunk as trunk_lib
 from tf_mtssl.evaluation import common
 
 _AUTOTUNE = tf.data.AUTOTUNE
 EVALUATION = "depth"
 OPTIMIZERS = ("sgd", "adam")
+AGGREGATIONS = ("per_image_mean", "pooled")   # both NYU conventions, named as such
+HEADLINE = ("delta1", "abs_rel", "rmse")      # delta1: paper_spec 7.3's metric
 BERHU_C_FRACTION = 0.2  # Laina et al.: c = 0.2 * max |residual| of the batch
 
 
@@ -126,11 +134,15 @@ def berhu_loss(pred: tf.Tensor, gt: tf.Tensor, valid: tf.Tensor,
 
 
 class DepthNetwork:
-  """Trunk + (eval lasso) + decoder; `__call__` maps RGB [B, H, W, 3] in [0, 255] to depth [B, H, W]."""
+  """Trunk + (eval lasso) + decoder; `__call__` maps RGB [B, H, W, 3] in [0, 255] to depth [B, H, W].
+
+  `convention`: the trunk's input convention (`tf_mtssl.preprocessing`; the run's recorded one).
+  """
 
   def __init__(self, trunk: keras.Model, num_upprojections: int = 3, width: int = 0,
-               lasso_l1: Optional[float] = None):
+               lasso_l1: Optional[float] = None, convention: str = preprocessing.DEFAULT_CONVENTION):
     self.trunk = trunk
+    self.convention = preprocessing.check_convention(convention)
     self.lasso = None
     if lasso_l1 is not None:
       self.lasso = lasso_lib.LassoCombination(rows=[common.EVAL_LASSO_ROW], num_units=common.num_units(trunk),
@@ -143,11 +155,13 @@ class DepthNetwork:
     out = self.trunk.trainable_variables + self.decoder.trainable_variables
     return out + (self.lasso.trainable_variables if self.lasso is not None else [])
 
-  def __call__(self, images: tf.Tensor, training: bool) -> tf.Tensor:
-    out = self.trunk(preprocessing.rgb_to_trunk_input(images), training=training)
+  def __call__(self, images: tf.Tensor, training: bool, size: Optional[tf.Tensor] = None) -> tf.Tensor:
+    """Depth [B, h, w], bilinearly upsampled from the decoder's output to `size` = (h, w) (default:
+    the images' size; the evaluation passes the ground truth's)."""
+    out = self.trunk(preprocessing.rgb_to_trunk_input(images, self.convention), training=training)
     features = out["block3"] if self.lasso is None else self.lasso(out["units"], row=common.EVAL_LASSO_ROW)
     depth = self.decoder(features, training=training)
-    size = tf.shape(images)[1:3]
+    size = tf.shape(images)[1:3] if size is None else size
     return tf.image.resize(tf.cast(depth, tf.float32), size, method="bilinear")[..., 0]
 
   def penalty(self) -> tf.Tensor:
@@ -172,9 +186,12 @@ class DepthConfig:
   weight_decay: float = 1e-4                    # decoupled, on kernels only [I]
   clipnorm: float = 0.0                         # global gradient-norm clip; 0 = none [I]
   berhu_c: float = BERHU_C_FRACTION
+  max_depth: float = 0.0                        # test: ground truth beyond it left out, predictions
+                                                # clipped to it; 0 = no cap (NYU protocol: 10 m)
   eval_every: int = 0
   log_every: int = 50
   seed: int = 0
+  progress_bar: bool = True                     # tqdm bars of training and evaluation
 
   def __post_init__(self):
     for name in ("train_steps", "batch_size", "eval_batch_size"):
@@ -184,6 +201,8 @@ class DepthConfig:
       raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
     if not 0.0 < self.berhu_c <= 1.0:
       raise ValueError(f"berhu_c must be in (0, 1], got {self.berhu_c}")
+    if self.max_depth < 0:
+      raise ValueError(f"max_depth must be >= 0 (0: no cap), got {self.max_depth}")
 
 
 def make_optimizer(config: DepthConfig) -> keras.optimizers.Optimizer:
@@ -197,13 +216,9 @@ def make_optimizer(config: DepthConfig) -> keras.optimizers.Optimizer:
   return optimizer
 
 
-def _aggregate(sums: Dict[str, float], total: int) -> Dict[str, float]:
-  """Pixel-weighted means of per-batch metrics; rmse/rmse_log from their mean squares."""
-  out = {}
-  for name in metrics.DEPTH_METRIC_NAMES:
-    value = sums[name] / total
-    out[name] = float(np.sqrt(value)) if name in ("rmse", "rmse_log") else float(value)
-  return out
+def format_metrics(result: Dict[str, object], names=HEADLINE) -> str:
+  """One line: 'per_image_mean delta1=... abs_rel=... | pooled delta1=...'."""
+  return " | ".join(f"{a} " + " ".join(f"{k}={result[a][k]:.4f}" for k in names) for a in AGGREGATIONS)
 
 
 class DepthTrainer:
@@ -241,38 +256,43 @@ class DepthTrainer:
     return self._step(batch["image"], batch["depth"])
 
   @tf.function(autograph=False)
-  def _predict(self, images):
-    return self.network(images, training=False)
+  def _test_sums(self, images, gt, mask):
+    """Per-image metric sums of the prediction upsampled to the ground truth's resolution."""
+    pred = self.network(images, training=False, size=tf.shape(gt)[1:3])
+    return metrics.depth_metric_sums(pred, gt, mask, max_depth=self.config.max_depth or None)
 
-  def evaluate(self, dataset: tf.data.Dataset) -> Dict[str, float]:
-    """depth_metrics pooled over every valid pixel of `dataset` (batched {"image", "depth"}).
+  def evaluate(self, dataset: tf.data.Dataset) -> Dict[str, object]:
+    """Depth metrics of `dataset` (batched {"image", "depth", optional "mask"}), per image and pooled.
 
-    Batches without a valid pixel are skipped and counted in `skipped_test_batches`.
+    Returns {"per_image_mean": {metric: value}, "pooled": {...}, "num_images", "num_valid_pixels",
+    "num_images_without_valid_pixels", "test_batches", "skipped_test_batches"}. Batches without a
+    valid pixel are skipped and counted in `skipped_test_batches`.
     Raises ValueError if no batch has a valid pixel.
     """
-    sums = {name: 0.0 for name in metrics.DEPTH_METRIC_NAMES}
-    total, skipped, batches, full = 0, 0, 0, None
-    for batch in dataset:
-      batches += 1
-      images, gt = batch["image"], batch["depth"]
-      full = full or int(images.shape[0])
-      if images.shape[0] < full:  # pad a last, smaller batch with invalid pixels: no second trace
-        pad = [[0, full - images.shape[0]]]
-        images = tf.pad(images, pad + [[0, 0]] * 3)
-        gt = tf.pad(gt, pad + [[0, 0]] * 2)
-      m = metrics.depth_metrics(self._predict(images), gt)
-      n = int(m["num_valid"])
-      if n == 0:
-        skipped += 1
-        continue
-      for name in metrics.DEPTH_METRIC_NAMES:
-        value = float(m[name])
-        sums[name] += n * (value ** 2 if name in ("rmse", "rmse_log") else value)
-      total += n
+    accumulator = metrics.DepthMetricAccumulator()
+    skipped, batches, full, total = 0, 0, None, 0
+    with progress_lib.bar(enabled=self.config.progress_bar, unit="img", desc="test", leave=False) as bar:
+      for batch in dataset:
+        batches += 1
+        images, gt = batch["image"], batch["depth"]
+        mask = batch["mask"] if "mask" in batch else tf.ones(tf.shape(gt), tf.bool)
+        n_images = int(images.shape[0])
+        full = full or n_images
+        if n_images < full:  # pad a last, smaller batch (its padding is dropped): no second trace
+          pad = [[0, full - n_images]]
+          images = tf.pad(images, pad + [[0, 0]] * 3)
+          gt = tf.pad(gt, pad + [[0, 0]] * 2)
+          mask = tf.pad(mask, pad + [[0, 0]] * 2)
+        sums = {k: v.numpy()[:n_images] for k, v in self._test_sums(images, gt, mask).items()}
+        bar.update(n_images)
+        if sums["num_valid"].sum() == 0:
+          skipped += 1
+          continue
+        accumulator.add(sums)
+        total += int(sums["num_valid"].sum())
     if total == 0:
       raise ValueError(f"No valid ground-truth pixel in the test split ({batches} batches, all skipped)")
-    return {**_aggregate(sums, total), "num_valid_pixels": total, "test_batches": batches,
-            "skipped_test_batches": skipped}
+    return {**accumulator.result(), "test_batches": batches, "skipped_test_batches": skipped}
 
   def fit(self, train_ds: tf.data.Dataset, test_ds: tf.data.Dataset,
           summary_dir: Optional[str] = None) -> Dict:
@@ -282,26 +302,31 @@ class DepthTrainer:
     train_iter = iter(train_ds.batch(cfg.batch_size, drop_remainder=True).prefetch(_AUTOTUNE))
     test_batches = test_ds.batch(cfg.eval_batch_size).prefetch(_AUTOTUNE)
     start, history, out = time.time(), [], {}
-    with writer.as_default():
+    with writer.as_default(), progress_lib.bar(total=cfg.train_steps, enabled=cfg.progress_bar) as bar:
       for step in range(1, cfg.train_steps + 1):
         out = self.train_step(next(train_iter)) or out
+        bar.update(1)
         if step % cfg.log_every == 0 or step == cfg.train_steps:
           values = {k: float(v) for k, v in out.items()}
+          if values:  # {} while every batch so far was skipped
+            bar.set_postfix(loss=f"{values['loss']:.4f}", refresh=False)
           for k, v in values.items():
             tf.summary.scalar(f"train/{k}", v, step=step)
           tf.summary.scalar("train/skipped_batches", self.skipped_train_batches, step=step)
           tf.summary.scalar("train/learning_rate", float(self.optimizer.learning_rate), step=step)
-          logging.info("step %d: %s skipped=%d", step,
+          # DEBUG: the progress bar shows the loss; every value is in TensorBoard.
+          logging.debug("step %d: %s skipped=%d", step,
                        " ".join(f"{k}={v:.4f}" for k, v in sorted(values.items())), self.skipped_train_batches)
         if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.train_steps:
           result = self.evaluate(test_batches)
-          for k in metrics.DEPTH_METRIC_NAMES + ("skipped_test_batches",):
-            tf.summary.scalar(f"test/{k}", result[k], step=step)
+          for aggregation in AGGREGATIONS:
+            for k in metrics.DEPTH_METRIC_NAMES:
+              tf.summary.scalar(f"test/{aggregation}/{k}", result[aggregation][k], step=step)
+          tf.summary.scalar("test/skipped_test_batches", result["skipped_test_batches"], step=step)
           if self.network.lasso is not None:
             tf.summary.image("test/lasso_alpha", self.network.lasso.alpha_image()[None], step=step)
-          history.append({"step": step, **{k: result[k] for k in ("delta1", "abs_rel", "rmse")}})
-          logging.info("step %d test: delta1=%.4f abs_rel=%.4f rmse=%.4f", step, result["delta1"],
-                       result["abs_rel"], result["rmse"])
+          history.append({"step": step, **{a: {k: result[a][k] for k in HEADLINE} for a in AGGREGATIONS}})
+          logging.info("step %d test: %s", step, format_metrics(result))
     writer.flush()
     alpha = self.network.alpha()
     return {**result, "skipped_train_batches": self.skipped_train_batches,

@@ -39,6 +39,7 @@ import tensorflow as tf
 
 from tf_mtssl import lasso as lasso_lib
 from tf_mtssl import metrics, preprocessing
+from tf_mtssl import progress as progress_lib
 from tf_mtssl.data import classification_set, sources
 from tf_mtssl.evaluation import common
 from tf_mtssl.export_lib import pool_to_grid
@@ -68,10 +69,12 @@ class ProbeConfig:
   augment: bool = False
   cache_features: bool = True
   lasso_l1: Optional[float] = None             # None: no eval-time lasso
+  preprocessing: str = preprocessing.DEFAULT_CONVENTION  # the trunk's recorded input convention
   eval_every: int = 0
   log_every: int = 100
   seed: int = 0
   shuffle_buffer: int = 10_000
+  progress_bar: bool = True                    # tqdm bars of feature extraction and training
 
   def __post_init__(self):
     for name in ("train_steps", "batch_size", "eval_batch_size", "grid", "image_size"):
@@ -83,6 +86,7 @@ class ProbeConfig:
       raise ValueError(f"lasso l1 must be >= 0, got {self.lasso_l1}")
     if self.weight_decay < 0:
       raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+    preprocessing.check_convention(self.preprocessing)
 
   @property
   def uses_cache(self) -> bool:
@@ -167,10 +171,11 @@ def check_grid_fits(trunk: keras.Model, image_size: int, grid: int) -> None:
                    f"{smallest} for this trunk")
 
 
-def pooled_features(trunk: keras.Model, images: tf.Tensor, grid: int, per_unit: bool) -> tf.Tensor:
+def pooled_features(trunk: keras.Model, images: tf.Tensor, grid: int, per_unit: bool,
+                    convention: str = preprocessing.DEFAULT_CONVENTION) -> tf.Tensor:
   """RGB [B, H, W, 3] in [0, 255] -> frozen-trunk features pooled to [B, g, g, C] (block 3) or
-  [B, N, g, g, C] (every block-3 unit, for the eval lasso)."""
-  out = trunk(preprocessing.rgb_to_trunk_input(images), training=False)
+  [B, N, g, g, C] (every block-3 unit, for the eval lasso); `convention`: the trunk's input one."""
+  out = trunk(preprocessing.rgb_to_trunk_input(images, convention), training=False)
   if per_unit:
     pooled = tf.stack([pool_to_grid(u, grid) for u in out["units"]], axis=1)
   else:
@@ -199,15 +204,19 @@ def image_batches(source: classification_set.ClassificationSource, split: str, c
   return ds.batch(batch_size, drop_remainder=train).prefetch(_AUTOTUNE)
 
 
-def extract_features(trunk: keras.Model, batches: Iterable, grid: int,
-                     per_unit: bool) -> Tuple[np.ndarray, np.ndarray, int]:
-  """(pooled features [M, ...], labels [M], images skipped as unreadable) of one pass."""
-  fn = tf.function(lambda images: pooled_features(trunk, images, grid, per_unit), autograph=False)
+def extract_features(trunk: keras.Model, batches: Iterable, grid: int, per_unit: bool,
+                     convention: str = preprocessing.DEFAULT_CONVENTION,
+                     progress: Optional[str] = None) -> Tuple[np.ndarray, np.ndarray, int]:
+  """(pooled features [M, ...], labels [M], images skipped as unreadable) of one pass; `progress`:
+  the label of a progress bar (images, rate), None for none."""
+  fn = tf.function(lambda images: pooled_features(trunk, images, grid, per_unit, convention), autograph=False)
   feats, labels, corrupt = [], [], 0
-  for images, batch_labels, num_corrupt in batches:
-    feats.append(fn(images).numpy())
-    labels.append(batch_labels.numpy())
-    corrupt = max(corrupt, int(tf.reduce_max(num_corrupt)))
+  with progress_lib.bar(enabled=progress is not None, unit="img", desc=progress, leave=False) as bar:
+    for images, batch_labels, num_corrupt in batches:
+      feats.append(fn(images).numpy())
+      labels.append(batch_labels.numpy())
+      corrupt = max(corrupt, int(tf.reduce_max(num_corrupt)))
+      bar.update(len(labels[-1]))
   if not feats:
     raise ValueError("The split holds no readable image")
   return np.concatenate(feats), np.concatenate(labels).astype(np.int32), corrupt
@@ -268,7 +277,7 @@ class ProbeTrainer:
 
   @tf.function(autograph=False)
   def train_step_images(self, images, labels):
-    return self._apply(pooled_features(self.trunk, images, self.config.grid, self.probe.per_unit), labels)
+    return self._apply(self._pool(images), labels)
 
   @tf.function(autograph=False)
   def _eval_pooled(self, pooled, labels):
@@ -278,7 +287,7 @@ class ProbeTrainer:
 
   @tf.function(autograph=False)
   def _pool(self, images):
-    return pooled_features(self.trunk, images, self.config.grid, self.probe.per_unit)
+    return pooled_features(self.trunk, images, self.config.grid, self.probe.per_unit, self.config.preprocessing)
 
   # ---- evaluation -----------------------------------------------------------------------------
   def evaluate(self, eval_data) -> Dict[str, float]:
@@ -310,10 +319,10 @@ class ProbeTrainer:
     if cfg.uses_cache:
       feats, labels, corrupt["train"] = extract_features(
           self.trunk, image_batches(source, train_split, cfg, False, cfg.eval_batch_size), cfg.grid,
-          self.probe.per_unit)
+          self.probe.per_unit, cfg.preprocessing, progress=f"features {train_split}" if cfg.progress_bar else None)
       eval_feats, eval_labels, corrupt["eval"] = extract_features(
           self.trunk, image_batches(source, eval_split, cfg, False, cfg.eval_batch_size), cfg.grid,
-          self.probe.per_unit)
+          self.probe.per_unit, cfg.preprocessing, progress=f"features {eval_split}" if cfg.progress_bar else None)
       eval_data = (eval_feats, eval_labels)
       sampler = _EpochSampler(len(labels), cfg.seed)
       logging.info("Cached pooled features: train %s, eval %s (%.1f s)", feats.shape, eval_feats.shape,
@@ -337,15 +346,18 @@ class ProbeTrainer:
         return self.train_step_images(images, batch_labels)
 
     history, train_out = [], {}
-    with writer.as_default():
+    with writer.as_default(), progress_lib.bar(total=cfg.train_steps, enabled=cfg.progress_bar) as bar:
       for step in range(1, cfg.train_steps + 1):
         train_out = next_step()
+        bar.update(1)
         if step % cfg.log_every == 0 or step == cfg.train_steps:
           values = {k: float(v) for k, v in train_out.items()}
+          bar.set_postfix(loss=f"{values['loss']:.4f}", refresh=False)
           for k, v in values.items():
             tf.summary.scalar(f"train/{k}", v, step=step)
           tf.summary.scalar("train/learning_rate", float(self.optimizer.learning_rate), step=step)
-          logging.info("step %d: %s", step, " ".join(f"{k}={v:.4f}" for k, v in sorted(values.items())))
+          # DEBUG: the progress bar shows the loss; every value is in TensorBoard.
+          logging.debug("step %d: %s", step, " ".join(f"{k}={v:.4f}" for k, v in sorted(values.items())))
         if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.train_steps:
           result = self.evaluate(eval_data)
           for k in ("top1", "top5", "cross_entropy"):
