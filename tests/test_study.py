@@ -92,7 +92,7 @@ def test_quick_binary_writes_every_output_and_resumes(tmp_path):
   cmd = [sys.executable, "-m", "tf_mtssl.study", "--flagfile=flags/study_fashion_mnist.cfg", "--quick",
          "--configs=random,rp_ex", "--seeds=0", f"--output_dir={out}", f"--work_dir={work}"]
   env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
-  run = subprocess.run(cmd, capture_output=True, text=True, timeout=400, cwd=helpers.REPO_ROOT, env=env)
+  run = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=helpers.REPO_ROOT, env=env)
   assert run.returncode == 0, run.stderr[-3000:]
   for name in ("results.md", "results.csv", "results.json", "accuracy_vs_steps.png", "pretext_metrics.png"):
     assert (out / name).stat().st_size > 0, name
@@ -103,7 +103,7 @@ def test_quick_binary_writes_every_output_and_resumes(tmp_path):
   assert body["complete"] and len(body["records"]) == 4 and body["commit"]
   assert (out / "results.csv").read_text().startswith("# ")
   before = _files(work)
-  run = subprocess.run(cmd, capture_output=True, text=True, timeout=400, cwd=helpers.REPO_ROOT, env=env)
+  run = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=helpers.REPO_ROOT, env=env)
   assert run.returncode == 0 and _files(work) == before
   assert run.stderr.count("done before") == 4
 
