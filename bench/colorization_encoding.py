@@ -21,7 +21,7 @@ GOAL = "< 0.05"
 
 def run(quick: bool = False):
   import tensorflow as tf
-  from tf_mtssl import color
+  from tf_mtssl.model import color
   s = SETTINGS[bool(quick)]
   trainer = common.make_trainer(("col",), quick)
   task, data = trainer.tasks["col"], trainer.data["col"]

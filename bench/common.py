@@ -16,7 +16,7 @@ import tempfile
 import time
 from typing import Callable, Dict, List, Optional, Sequence
 
-from tf_mtssl import quiet  # noqa: F401,E402  (before TensorFlow: silences its start-up noise)
+from tf_mtssl.core import quiet  # noqa: F401,E402  (before TensorFlow: silences its start-up noise)
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TASKS = ("rp", "col", "ex", "ms")
@@ -52,7 +52,7 @@ def trunk_name(config: dict) -> str:
 
 def make_task(name: str, quick: bool, **overrides):
   """Task `name` at the mode's image size and options (quick: smoke heads; full: paper defaults)."""
-  from tf_mtssl import flag_utils
+  from tf_mtssl import cli as flag_utils
   from tf_mtssl.tasks import make_task as make
   values = {**(QUICK_OPTIONS[name] if quick else {}), **overrides}
   return make(name, options=flag_utils.task_options_from_dict(name, values), image_size=image_size(quick))
@@ -78,7 +78,7 @@ def _synthetic_mask_shard() -> str:
   import numpy as np
   import skimage.data
   import tensorflow as tf
-  from tf_mtssl import motion_masks
+  from tf_mtssl.data import motion_masks
   folder = tempfile.mkdtemp(prefix="bench_masks_")
   with tf.io.TFRecordWriter(os.path.join(folder, "photos-00000-of-00001.tfrecord")) as writer:
     for index, name in enumerate(("astronaut", "coffee", "chelsea", "rocket")):
@@ -94,7 +94,7 @@ _DATA: Dict[str, str] = {}
 
 
 def data_spec(task: str) -> str:
-  """Source spec of `task`: `embedded` when prepared (python -m tf_mtssl.data.prepare_embedded), else
+  """Source spec of `task`: `embedded` when prepared (python -m tf_mtssl.data.prepare), else
   temporary scikit-image data, so a clean clone benchmarks without preparing anything."""
   from tf_mtssl.data import embedded
   kind = "masks" if task == "ms" else "images"
@@ -222,12 +222,12 @@ def time_interleaved(fns: Dict[str, Callable[[], object]], warmup: int, repeats:
 
 def make_trainer(names: Sequence[str], quick: bool, batches: Optional[Dict[str, int]] = None,
                  options: Optional[Dict[str, dict]] = None, **config):
-  """A `tf_mtssl.train.Trainer` of tasks `names` at the mode's shapes, in a temporary model_dir.
+  """A `tf_mtssl.pretraining.trainer.Trainer` of tasks `names` at the mode's shapes, in a temporary model_dir.
 
   batches: source images per task batch (default `BATCHES[quick]`); options: per-task option
   overrides; config: more `TrainConfig` fields.
   """
-  from tf_mtssl import train
+  from tf_mtssl.pretraining import trainer as train
   batches = {**BATCHES[quick], **(batches or {})}
   tasks = {n: make_task(n, quick, **(options or {}).get(n, {})) for n in names}
   cfg = train.TrainConfig(train_steps=10, batch_size=batches[names[0]],

@@ -6,7 +6,7 @@ For each task (rp, col, ex, ms), on real data (the embedded set, else scikit-ima
   pipeline  `task.build_dataset` alone, timed over whole batches after a warm-up (tracing, file
             listing, shuffle buffer, autotuning): source images per second (an rp image gives 9
             patches, an ex image its 8 views, a col or ms image one crop);
-  model     the task's training step (`tf_mtssl.train.Trainer`: trunk + head + loss + RMSProp) on one
+  model     the task's training step (`tf_mtssl.pretraining.trainer.Trainer`: trunk + head + loss + RMSProp) on one
             fixed batch of that pipeline, after tracing: source images consumed per second.
 Each is timed alone, best of a few rounds alternating the two; in training they share the cores, so
 the pipeline must deliver several times what the step consumes. The goal (>= 3x) is judged at the

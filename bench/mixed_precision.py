@@ -1,5 +1,5 @@
 """bfloat16 mixed precision vs float32: the trunk's training step, and the Trainer's step when
-`tf_mtssl.train.TrainConfig` has a `mixed_precision` field (goal >= 1.4x on a CPU with AVX512-BF16).
+`tf_mtssl.pretraining.trainer.TrainConfig` has a `mixed_precision` field (goal >= 1.4x on a CPU with AVX512-BF16).
 
   python -m bench.mixed_precision [--quick]
 
@@ -43,12 +43,12 @@ def _under_policy(policy: str, build):
 
 
 def trainer_has_mixed_precision() -> bool:
-  from tf_mtssl import train
+  from tf_mtssl.pretraining import trainer as train
   return "mixed_precision" in {f.name for f in dataclasses.fields(train.TrainConfig)}
 
 
 def trunk_rows(quick: bool):
-  from tf_mtssl import trunk as trunk_lib
+  from tf_mtssl.model import trunk as trunk_lib
   s = SETTINGS[bool(quick)]
   images = random_images(s)
   steps = {policy: _under_policy(policy, lambda: train_step(trunk_lib.build_trunk(s["depth"], output_stride=16),

@@ -4,7 +4,7 @@
   python -m bench.scaling --quick    # quick: the smoke trunk (depth 14, base width 8), 32-px patches
 
 Each configuration runs in its own fresh process, alone, on the real training step
-(`tf_mtssl.train.Trainer`: rp batches from `distribute_datasets_from_function`, per-task RMSProp,
+(`tf_mtssl.pretraining.trainer.Trainer`: rp batches from `distribute_datasets_from_function`, per-task RMSProp,
 gradient all-reduce), timed after warm-up (tracing excluded), with the loss fetched every step as the
 training loop does:
   1 replica    the default strategy, one process (the baseline of both ratios);
@@ -40,7 +40,8 @@ CONFIGS = ("1_replica", "2_replicas", "2_workers")
 def _measure(config: str, quick: bool, data: str) -> Dict[str, float]:
   """In a fresh process: builds the strategy of `config`, times the training step."""
   import tensorflow as tf
-  from tf_mtssl import distribute, train
+  from tf_mtssl.pretraining import distribution as distribute
+  from tf_mtssl.pretraining import trainer as train
   from tf_mtssl.tasks.relative_position import RelativePositionOptions, RelativePositionTask
   if config == "2_replicas":
     cpu = tf.config.list_physical_devices("CPU")[0]

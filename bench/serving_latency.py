@@ -1,4 +1,4 @@
-"""Serving latency and throughput of export.serve (gRPC Predict of 224-px JPEGs), per trunk.
+"""Serving latency and throughput of tf_mtssl.serve (gRPC Predict of 224-px JPEGs), per trunk.
 
   python -m bench.serving_latency            # full: tiny trunk and the default depth-101 trunk
   python -m bench.serving_latency --quick    # quick: tiny trunk only, few requests
@@ -25,7 +25,7 @@ import tempfile
 import time
 from typing import Dict, List
 
-from tf_mtssl import quiet  # noqa: F401,E402  (before TensorFlow: silences its start-up noise)
+from tf_mtssl.core import quiet  # noqa: F401,E402  (before TensorFlow: silences its start-up noise)
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
@@ -33,9 +33,9 @@ import tensorflow as tf  # noqa: E402
 
 from bench import common  # noqa: E402
 from bench.common import Row  # noqa: E402
-from export import server_lib  # noqa: E402
-from tf_mtssl import export_lib  # noqa: E402
-from tf_mtssl import trunk as trunk_lib  # noqa: E402
+from tf_mtssl.serving import server_lib  # noqa: E402
+from tf_mtssl.serving import export as export_lib  # noqa: E402
+from tf_mtssl.model import trunk as trunk_lib  # noqa: E402
 
 IMAGE_SIZE = 224
 TINY, PAPER = common.QUICK_TRUNK, common.PAPER_TRUNK

@@ -1,6 +1,6 @@
 """Per-step host overhead: one training step per tf.function call with a host sync after each (the
 loop before `--steps_per_loop`) vs several steps per call and one sync per call (SimCLR's
-train_multiple_steps; tf_mtssl.train.Trainer.run_steps).
+train_multiple_steps; tf_mtssl.pretraining.trainer.Trainer.run_steps).
 
   python -m bench.steps_per_loop [--quick]
 

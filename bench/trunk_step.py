@@ -55,7 +55,7 @@ def reference_model(depth: int, image: int):
 
 
 def run(quick: bool = False):
-  from tf_mtssl import trunk as trunk_lib
+  from tf_mtssl.model import trunk as trunk_lib
   s = SETTINGS[bool(quick)]
   images = random_images(s)
   steps = {"reference": train_step(reference_model(s["depth"], s["image"]), lambda out: out, images)}

@@ -4,7 +4,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tf_mtssl import trunk as trunk_lib
+from tf_mtssl.model import trunk as trunk_lib
 
 TINY_TRUNK = dict(depth=14, output_stride=16, base_width=8)
 
@@ -49,7 +49,8 @@ def read_flagfile(path):
 
 def tiny_task(name, image_size=None, harmonize=False):
   """Task `name` with the tiny settings of flags/smoke.cfg (the README's smoke run)."""
-  from tf_mtssl import flag_utils, tasks
+  from tf_mtssl import tasks
+  from tf_mtssl import cli as flag_utils
   cfg = read_flagfile(SMOKE_CFG)
   prefix = f"{name}_"
   options = flag_utils.task_options_from_dict(
@@ -83,7 +84,7 @@ def assert_close(actual, desired, rtol: float = 1e-5, err_msg: str = ""):
 
 
 def assert_progress_bar(stderr: str, steps: int):
-  """A finished tqdm bar (`tf_mtssl.progress`) of `steps` steps with elapsed<ETA, rate and loss."""
+  """A finished tqdm bar (`tf_mtssl.core.progress`) of `steps` steps with elapsed<ETA, rate and loss."""
   import re
   pattern = rf"{steps}/{steps} \[[\d:]+<[\d:]+, +[\d.]+ ?(s/step|step/s), loss=-?[\d.]+\]"
   assert re.search(pattern, stderr), f"no finished progress bar ({pattern}) in:\n{stderr[-2000:]}"

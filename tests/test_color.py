@@ -4,7 +4,8 @@ import skimage.color
 import tensorflow as tf
 
 from tests import helpers
-from tf_mtssl import color, preprocessing
+from tf_mtssl.model import color
+from tf_mtssl.model import preprocessing
 
 
 def dense_srgb(levels=52):

@@ -9,9 +9,10 @@ import skimage.io
 import tensorflow as tf
 
 from tests import helpers
-from tf_mtssl import color, tasks
-from tf_mtssl.tasks import colorization as col
-from tf_mtssl.tasks import colorization_prior as col_prior
+from tf_mtssl import tasks
+from tf_mtssl.model import color
+from tf_mtssl.tasks.colorization import task as col
+from tf_mtssl.tasks.colorization import prior as col_prior
 
 # Zhang et al.'s pts_in_hull.npy, as printed in OpenCV's samples/dnn/colorization.cpp (Debian opencv-doc
 # 4.6.0): the set is convex on the step-10 grid, so it is fully given by the b range of each a column
@@ -153,7 +154,7 @@ def test_missing_prior_is_computed_with_a_warning(tmp_path, caplog):
 def test_prior_cli_writes_a_loadable_prior(tmp_path, photos):
   out = tmp_path / "p.npy"
   env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "CUDA_VISIBLE_DEVICES": ""}
-  run = subprocess.run([sys.executable, "-m", "tf_mtssl.tasks.colorization_prior", f"--data={photos}",
+  run = subprocess.run([sys.executable, "-m", "tf_mtssl.tasks.colorization.prior", f"--data={photos}",
                         f"--output={out}", "--num_images=2", "--max_side=64"],
                        capture_output=True, text=True, env=env, timeout=300, cwd=helpers.REPO_ROOT)
   assert run.returncode == 0, run.stderr[-2000:]
@@ -251,7 +252,7 @@ def test_annealed_mean_of_a_peaked_prediction_is_its_bin():
 
 
 def test_col_cfg_is_a_valid_paper_configuration():
-  from tf_mtssl import flag_utils
+  from tf_mtssl import cli as flag_utils
   cfg = helpers.read_flagfile(helpers.REPO_ROOT / "flags" / "col.cfg")
   assert cfg["tasks"] == "col" and cfg["depth"] == "101" and cfg["output_stride"] == "16"
   options = flag_utils.task_options_from_dict(
@@ -262,7 +263,7 @@ def test_col_cfg_is_a_valid_paper_configuration():
 
 
 def test_prepare_embedded_step_writes_the_prior_beside_the_data(tmp_path, monkeypatch, caplog):
-  from tf_mtssl.data import prepare_embedded as prep
+  from tf_mtssl.data import prepare as prep
   helpers.write_photos(tmp_path / "images", size=48, names=("coffee", "chelsea"))
   step = next(s for s in prep.STEPS if s.name == "colorization_prior")
   manifest = prep.run_steps(tmp_path, steps=[step])

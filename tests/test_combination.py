@@ -48,7 +48,7 @@ def test_flagfile_parses_and_names_only_registered_tasks(path):
 def test_harmonized_rp_inputs_are_gray(tmp_path):
   task = helpers.tiny_task("rp", harmonize=True)
   batch = helpers.first_batch(task, helpers.write_photos(tmp_path / "photos"), batch_size=2)
-  from tf_mtssl import preprocessing
+  from tf_mtssl.model import preprocessing
   rgb = preprocessing.trunk_input_to_rgb(task.trunk_inputs(batch)).numpy()
   assert np.abs(rgb[..., 0] - rgb[..., 1]).max() < 2e-2 and np.abs(rgb[..., 1] - rgb[..., 2]).max() < 2e-2
   plain = helpers.first_batch(helpers.tiny_task("rp"), str(tmp_path / "photos"), batch_size=2)
@@ -84,7 +84,7 @@ def test_four_task_lasso_run_writes_alpha_images_and_gradient_cosines(tmp_path):
   assert {f"grad_cosine/{a}_vs_{b}" for a, b in [("col", "ex"), ("col", "ms"), ("ex", "rp"), ("ms", "rp")]} <= tags
   for name in ("rp", "col", "ex", "ms"):
     assert f"{name}/loss" in tags and f"{name}/trunk_update_norm" in tags
-  from tf_mtssl import checkpoints
+  from tf_mtssl.runs import checkpoints
   lasso = checkpoints.restore_lasso(str(run))
   assert lasso.rows == ["rp", "col", "ex", "ms"]
   assert np.isfinite(lasso.alphas().numpy()).all()
@@ -105,7 +105,7 @@ def paper_optimizer_settings():
 
 def last_update_norms(tmp_path, settings, steps=3):
   """Per-task trunk update norms at the last of `steps` steps of a tiny trunk with every registered task."""
-  from tf_mtssl import train
+  from tf_mtssl.pretraining import trainer as train
   names = task_registry.registered_tasks()
   config = train.TrainConfig(train_steps=steps, batch_size=2, log_every=1, checkpoint_every=steps,
                              image_summary_every=0, grad_cosine_every=0, progress_bar=False, **settings)
@@ -119,7 +119,7 @@ def test_per_task_trunk_updates_stay_within_a_small_factor_at_the_paper_settings
   assert len(settings) == 1, f"paper flagfiles disagree on the optimizer: {settings}"
   norms = last_update_norms(tmp_path / "paper", settings[0])
   assert all(v > 0 for v in norms.values()), norms
-  # Each task's RMSProp normalises its own gradient scale (tf_mtssl/optimizer.py): 1.2x measured.
+  # Each task's RMSProp normalises its own gradient scale (tf_mtssl/pretraining/optimizer.py): 1.2x measured.
   assert max(norms.values()) / min(norms.values()) < 2.0, norms
   # The check has power: TF-slim's epsilon 1.0 leaves the raw gradient scales in the updates.
   unnormalised = last_update_norms(tmp_path / "slim", {**settings[0], "rmsprop_epsilon": 1.0})

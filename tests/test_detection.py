@@ -1,4 +1,4 @@
-"""Tests of the Faster R-CNN fine-tuning (tf_mtssl.detection, paper_spec 7.2)."""
+"""Tests of the Faster R-CNN fine-tuning (tf_mtssl.evaluation.detection, paper_spec 7.2)."""
 
 import dataclasses
 import json
@@ -11,14 +11,14 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tf_mtssl import checkpoints
-from tf_mtssl import trunk as trunk_lib
-from tf_mtssl.data import detection_set
-from tf_mtssl.detection import box_ops
-from tf_mtssl.detection import data as data_lib
-from tf_mtssl.detection import model as model_lib
-from tf_mtssl.detection import targets
-from tf_mtssl.detection import train as train_lib
+from tf_mtssl.runs import checkpoints
+from tf_mtssl.model import trunk as trunk_lib
+from tf_mtssl.data import detection as detection_set
+from tf_mtssl.evaluation.detection import box_ops
+from tf_mtssl.evaluation.detection import data as data_lib
+from tf_mtssl.evaluation.detection import model as model_lib
+from tf_mtssl.evaluation.detection import targets
+from tf_mtssl.evaluation.detection import train as train_lib
 from tf_mtssl.evaluation import common
 from tests import helpers
 

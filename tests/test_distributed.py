@@ -26,7 +26,9 @@ import pytest
 import tensorflow as tf
 
 from tests import helpers
-from tf_mtssl import checkpoints, distribute, train
+from tf_mtssl.runs import checkpoints
+from tf_mtssl.pretraining import distribution as distribute
+from tf_mtssl.pretraining import trainer as train
 
 PRETRAIN = [sys.executable, "-m", "tf_mtssl.pretrain", f"--flagfile={helpers.SMOKE_CFG}",
             "--image_summary_every=0", "--grad_cosine_every=0", "--progress_bar=false", "--log_every=1"]
@@ -289,7 +291,7 @@ def test_two_workers_resume_keep_identical_weights_and_match_one_process_on_the_
   # Weights agree up to rounding, except those whose true gradient is 0: the biases that reach the loss
   # only through training-mode batch norm (the next unit's pre-activation, or the rp head's first batch
   # norm, cancels a per-channel shift). Their gradients are float noise, which a normalised optimizer
-  # turns into small random steps that depend on the reduction order (tf_mtssl/optimizer.py, epsilon).
+  # turns into small random steps that depend on the reduction order (tf_mtssl/pretraining/optimizer.py, epsilon).
   assert noise_only and all(re.fullmatch(r"(conv1|block\d_unit\d+_(conv3|shortcut))/bias", p) for p in noise_only)
   trunk = checkpoints.restore_trunk(run)
   compared = 0

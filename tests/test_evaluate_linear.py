@@ -13,9 +13,9 @@ import skimage.io
 import tensorflow as tf
 
 from tests import helpers
-from tf_mtssl import checkpoints
-from tf_mtssl import trunk as trunk_lib
-from tf_mtssl.data import classification_set
+from tf_mtssl.runs import checkpoints
+from tf_mtssl.model import trunk as trunk_lib
+from tf_mtssl.data import classification as classification_set
 from tf_mtssl.evaluation import common, linear
 
 SIZE = 48
@@ -121,8 +121,8 @@ def test_cached_per_unit_features_give_the_same_logits_as_combining_first():
   probe.lasso.alpha_variable(common.EVAL_LASSO_ROW).assign([0.3, -0.8])
   images = tf.random.uniform([2, 64, 64, 3], 0, 255, seed=1)
   cached = probe.logits(linear.pooled_features(trunk, images, 3, per_unit=True), training=False)
-  from tf_mtssl import preprocessing
-  from tf_mtssl.export_lib import pool_to_grid
+  from tf_mtssl.model import preprocessing
+  from tf_mtssl.serving.export import pool_to_grid
   units = trunk(preprocessing.rgb_to_trunk_input(images), training=False)["units"]
   combined = pool_to_grid(probe.lasso(units, row=common.EVAL_LASSO_ROW), 3)
   direct = probe.classifier(tf.reshape(combined, [2, -1]))

@@ -8,10 +8,11 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from tf_mtssl import augment, preprocessing
+from tf_mtssl.tasks.exemplar import augment
+from tf_mtssl.model import preprocessing
 from tf_mtssl import tasks as task_registry
 from tf_mtssl.tasks.base import NUM_CORRUPT_KEY
-from tf_mtssl.tasks.exemplar import ExemplarOptions, ExemplarTask, retrieval_accuracy
+from tf_mtssl.tasks.exemplar.task import ExemplarOptions, ExemplarTask, retrieval_accuracy
 from tests import helpers
 
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry")
@@ -213,7 +214,7 @@ def test_loss_falls_when_overfitting_one_batch(photos_dir):
 
 
 def test_paper_flagfile_builds_the_paper_task():
-  from tf_mtssl import flag_utils
+  from tf_mtssl import cli as flag_utils
   cfg = helpers.read_flagfile(helpers.REPO_ROOT / "flags" / "ex.cfg")
   assert cfg["tasks"] == "ex" and cfg["depth"] == "101" and cfg["output_stride"] == "16"
   assert cfg["data"] == "tfds:imagenet2012"

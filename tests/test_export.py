@@ -13,7 +13,10 @@ import tensorflow as tf
 from PIL import Image
 
 from tests import helpers
-from tf_mtssl import checkpoints, export_lib, preprocessing, train
+from tf_mtssl.runs import checkpoints
+from tf_mtssl.serving import export as export_lib
+from tf_mtssl.model import preprocessing
+from tf_mtssl.pretraining import trainer as train
 
 IMAGE_SIZE = 64
 
@@ -33,7 +36,7 @@ def run_dir(tmp_path_factory):
 def _export_binary(log_dir, *args):
   """Starts the export binary; its output goes to files (a pipe nobody reads could fill and block)."""
   with open(os.path.join(log_dir, "stdout"), "w") as out, open(os.path.join(log_dir, "stderr"), "w") as err:
-    proc = subprocess.Popen([sys.executable, "-m", "export.export_saved_model", *args],
+    proc = subprocess.Popen([sys.executable, "-m", "tf_mtssl.export_saved_model", *args],
                             cwd=helpers.REPO_ROOT, stdout=out, stderr=err,
                             env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "CUDA_VISIBLE_DEVICES": ""})
   proc.log_dir = log_dir
@@ -188,7 +191,7 @@ def test_crash_during_export_leaves_no_version(tmp_path, monkeypatch):
     raise RuntimeError("simulated crash")
 
   monkeypatch.setattr(export_lib.tf.saved_model, "save", crashing_save)
-  from tf_mtssl import trunk as trunk_lib
+  from tf_mtssl.model import trunk as trunk_lib
   with pytest.raises(RuntimeError, match="simulated crash"):
     export_lib.export_trunk(trunk_lib.build_trunk(**helpers.TINY_TRUNK), export_dir)
   assert sorted(os.listdir(export_dir)) == ["1"]  # no version 2, no temporary directory left

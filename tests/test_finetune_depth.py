@@ -10,9 +10,9 @@ import pytest
 import tensorflow as tf
 
 from tests import helpers
-from tf_mtssl import metrics
-from tf_mtssl import trunk as trunk_lib
-from tf_mtssl.data import depth_sources
+from tf_mtssl.evaluation import metrics
+from tf_mtssl.model import trunk as trunk_lib
+from tf_mtssl.data import depth as depth_sources
 from tf_mtssl.evaluation import common, depth
 
 CROP = 64

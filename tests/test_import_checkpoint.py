@@ -16,8 +16,10 @@ import pytest
 import tensorflow as tf
 
 from tests import helpers
-from tf_mtssl import checkpoints, preprocessing, slim_checkpoint
-from tf_mtssl import trunk as trunk_lib
+from tf_mtssl.runs import checkpoints
+from tf_mtssl.model import preprocessing
+from tf_mtssl.runs import slim_import as slim_checkpoint
+from tf_mtssl.model import trunk as trunk_lib
 
 TINY_DEPTH = 26          # 2 units per block: projection, identity and strided-subsample shortcuts
 SCOPE = f"resnet_v2_{TINY_DEPTH}"
@@ -165,9 +167,9 @@ def _labelled_folder(root):
 def test_import_evaluate_export_serve_end_to_end(slim_ref, tmp_path):
   """The binaries in their own processes: import (inception convention) -> evaluate_linear -> export ->
   serve. The served features are the imported trunk's on [-1, 1] inputs, not on VGG ones."""
-  from export import server_lib
+  from tf_mtssl.serving import server_lib
   from tests import test_serving
-  from tf_mtssl import export_lib
+  from tf_mtssl.serving import export as export_lib
   from tf_mtssl.evaluation import common
 
   def run(*args):
@@ -189,7 +191,7 @@ def test_import_evaluate_export_serve_end_to_end(slim_ref, tmp_path):
   assert result["config"]["preprocessing"] == "inception" and result["trunk"]["source"] == "run"
   assert result["num_eval"] == 4 and 0.0 <= result["top1"] <= 1.0
 
-  run("export.export_saved_model", f"--model_dir={model_dir}", f"--export_dir={export_dir}", "--image_size=64")
+  run("tf_mtssl.export_saved_model", f"--model_dir={model_dir}", f"--export_dir={export_dir}", "--image_size=64")
   assert export_lib.input_convention(str(export_dir)) == "inception"
 
   image = test_serving._jpeg(5, 90, 70)

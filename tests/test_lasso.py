@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tf_mtssl.lasso import LassoCombination
+from tf_mtssl.model.lasso import LassoCombination
 
 
 def units(n=5, shape=(2, 3, 3, 4), seed=0):

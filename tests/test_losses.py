@@ -1,10 +1,10 @@
-"""tf_mtssl.losses: the semi-hard triplet loss against brute-force NumPy references."""
+"""tf_mtssl.tasks.exemplar.triplet_loss: the semi-hard triplet loss against brute-force NumPy references."""
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from tf_mtssl import losses
+from tf_mtssl.tasks.exemplar import triplet_loss as losses
 
 
 def np_distances(emb, distance):

@@ -1,4 +1,4 @@
-"""Tests of tf_mtssl.metrics against plain NumPy references and hand cases."""
+"""Tests of tf_mtssl.evaluation.metrics against plain NumPy references and hand cases."""
 
 import math
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tf_mtssl import metrics
+from tf_mtssl.evaluation import metrics
 
 
 # ---- depth ----------------------------------------------------------------------------------------

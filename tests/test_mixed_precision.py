@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from tests import helpers
-from tf_mtssl import train
+from tf_mtssl.pretraining import trainer as train
 
 TASKS = ("rp", "col")  # a dense and a pairwise head
 

@@ -1,4 +1,4 @@
-"""Tests of the motion-mask generator (tf_mtssl.motion_masks, tf_mtssl.make_motion_masks)."""
+"""Tests of the motion-mask generator (tf_mtssl.data.motion_masks, tf_mtssl.make_motion_masks)."""
 
 import json
 import os
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tf_mtssl import motion_masks as mm
+from tf_mtssl.data import motion_masks as mm
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 QUIET = dict(progress=False, log=lambda *a: None)

@@ -3,7 +3,7 @@ import pytest
 import tensorflow as tf
 
 from tests import helpers
-from tf_mtssl import motion_masks
+from tf_mtssl.data import motion_masks
 from tf_mtssl.tasks import motion_segmentation as ms
 
 

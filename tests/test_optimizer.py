@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tf_mtssl import optimizer as optimizer_lib
+from tf_mtssl.pretraining import optimizer as optimizer_lib
 
 
 def make(num_tasks=2, shape=(5,), **kwargs):

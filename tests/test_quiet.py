@@ -1,4 +1,4 @@
-"""Every binary silences TensorFlow's start-up noise before TensorFlow is imported (tf_mtssl.quiet)."""
+"""Every binary silences TensorFlow's start-up noise before TensorFlow is imported (tf_mtssl.core.quiet)."""
 
 import ast
 import os
@@ -11,10 +11,10 @@ import pytest
 from tests import helpers
 
 NOISE = ("cuInit", "cudart_stub", "absl::InitializeLog", "cpu_feature_guard", "oneDNN")
-QUIET_IMPORT = "tf_mtssl.quiet"
+QUIET_IMPORT = "tf_mtssl.core.quiet"
 # Binaries that need no first import: prepare_embedded imports TensorFlow only inside the steps that
-# use it (after tf_mtssl.quiet, see Step.resolve); colorization_prior's package imports TF first.
-NOT_FIRST = {"tf_mtssl/data/prepare_embedded.py", "tf_mtssl/tasks/colorization_prior.py"}
+# use it (after tf_mtssl.core.quiet, see Step.resolve); colorization_prior's package imports TF first.
+NOT_FIRST = {"tf_mtssl/data/prepare.py", "tf_mtssl/tasks/colorization/prior.py"}
 
 
 def _binaries():

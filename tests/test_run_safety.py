@@ -24,7 +24,9 @@ from tests import helpers
 from tests.test_distributed import PRETRAIN, START_TIMEOUT_S, processes
 from tests.test_preemption import checkpoint_steps, wait_for
 from tests.test_train import make_trainer
-from tf_mtssl import checkpoints, run_lock, train
+from tf_mtssl.runs import checkpoints
+from tf_mtssl.runs import lock as run_lock
+from tf_mtssl.pretraining import trainer as train
 from tf_mtssl.data import sources
 
 
@@ -215,7 +217,7 @@ STARVING_RUN = """
 import sys, time
 import tensorflow as tf
 from tests import helpers
-from tf_mtssl import train
+from tf_mtssl.pretraining import trainer as train
 
 Rp = type(helpers.tiny_task("rp"))
 

@@ -1,4 +1,4 @@
-"""The model server (export.serve) as a subprocess, driven by standard TF Serving clients; the batcher."""
+"""The model server (tf_mtssl.serve) as a subprocess, driven by standard TF Serving clients; the batcher."""
 
 import base64
 import concurrent.futures
@@ -26,10 +26,11 @@ import pytest
 import tensorflow as tf
 from tensorflow_serving.apis import get_model_metadata_pb2, predict_pb2
 
-from export import image_headers, server_lib
+from tf_mtssl.serving import image_headers
+from tf_mtssl.serving import server_lib
 from tests import helpers
-from tf_mtssl import export_lib
-from tf_mtssl import trunk as trunk_lib
+from tf_mtssl.serving import export as export_lib
+from tf_mtssl.model import trunk as trunk_lib
 
 IMAGE_SIZE = 64
 START_TIMEOUT_S = 240
@@ -47,11 +48,11 @@ def _jpeg(seed: int, h: int = 80, w: int = 72) -> bytes:
 
 
 class _Server:
-  """`python -m export.serve` in a subprocess; its stdout lines are collected by a thread."""
+  """`python -m tf_mtssl.serve` in a subprocess; its stdout lines are collected by a thread."""
 
   def __init__(self, export_dir: str):
     self.proc = subprocess.Popen(
-        [sys.executable, "-m", "export.serve", f"--export_dir={export_dir}", "--port=0", "--rest_port=0",
+        [sys.executable, "-m", "tf_mtssl.serve", f"--export_dir={export_dir}", "--port=0", "--rest_port=0",
          "--poll_seconds=1", *(f"--{k}={v}" for k, v in SERVER_LIMITS.items()),  # --host: its default
          "--batching=on"],  # the merging path with the real model (auto turns it off on a CPU)
         cwd=helpers.REPO_ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -254,7 +255,7 @@ def test_client_binary_writes_npy_features(server, tmp_path):
     paths.append(str(tmp_path / f"im{i}.jpg"))
     with open(paths[-1], "wb") as f:
       f.write(_jpeg(20 + i))
-  proc = subprocess.run([sys.executable, "-m", "export.client", f"--server=127.0.0.1:{server.grpc_port}",
+  proc = subprocess.run([sys.executable, "-m", "tf_mtssl.client", f"--server=127.0.0.1:{server.grpc_port}",
                          f"--output_dir={tmp_path / 'out'}", "--batch_size=2", "--outputs=features,grid",
                          *paths], cwd=helpers.REPO_ROOT, env=ENV, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
@@ -311,7 +312,7 @@ def test_the_server_listens_on_loopback_only_by_default(server):
 
 
 def test_a_second_server_on_the_same_grpc_port_fails_with_one_line(server, export_dir, stub):
-  proc = subprocess.run([sys.executable, "-m", "export.serve", f"--export_dir={export_dir}",
+  proc = subprocess.run([sys.executable, "-m", "tf_mtssl.serve", f"--export_dir={export_dir}",
                          f"--port={server.grpc_port}", "--poll_seconds=0"],
                         cwd=helpers.REPO_ROOT, env=ENV, capture_output=True, text=True, timeout=120)
   assert proc.returncode == 2, (proc.stdout[-2000:], proc.stderr[-2000:])
@@ -461,7 +462,7 @@ def test_client_skips_a_bad_image_and_never_mixes_with_an_earlier_output(server,
   out.mkdir()
   (out / "block3.npy").write_bytes(b"an earlier run's output")
   (out / "images.txt").write_text("earlier.jpg\n")
-  command = [sys.executable, "-m", "export.client", f"--server=127.0.0.1:{server.grpc_port}",
+  command = [sys.executable, "-m", "tf_mtssl.client", f"--server=127.0.0.1:{server.grpc_port}",
              f"--output_dir={out}", "--batch_size=4", "--outputs=features", *paths]
   refused = subprocess.run(command, cwd=helpers.REPO_ROOT, env=ENV, capture_output=True, text=True, timeout=300)
   assert refused.returncode == 2 and "--overwrite" in refused.stderr.strip().splitlines()[-1], refused.stderr

@@ -1,4 +1,4 @@
-"""Tests of the study (tf_mtssl.study_grid, tf_mtssl.study_report, the tf_mtssl.study binary)."""
+"""Tests of the study (tf_mtssl.studies.grid, tf_mtssl.studies.report, the tf_mtssl.study binary)."""
 
 import dataclasses
 import json
@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from tests import helpers
-from tf_mtssl import study_grid, study_report
+from tf_mtssl.studies import grid as study_grid
+from tf_mtssl.studies import report as study_report
 
 
 def _tiny(**kw):

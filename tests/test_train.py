@@ -5,7 +5,8 @@ import pytest
 import tensorflow as tf
 
 from tests import helpers
-from tf_mtssl import checkpoints, train
+from tf_mtssl.runs import checkpoints
+from tf_mtssl.pretraining import trainer as train
 
 TINY_TRUNK = helpers.TINY_TRUNK
 MULTI_TASKS = ["rp", "col", "ex", "ms"]

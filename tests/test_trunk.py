@@ -2,7 +2,7 @@ import keras
 import numpy as np
 import pytest
 
-from tf_mtssl import trunk as trunk_lib
+from tf_mtssl.model import trunk as trunk_lib
 
 
 @pytest.mark.parametrize("depth,units", [(14, 1), (26, 2)])

@@ -18,7 +18,7 @@ decay, the one with the best --val_split top-1 kept, and/or the cosine kNN probe
       --image_size=64 --crop_fraction=1
 """
 
-from tf_mtssl import quiet  # noqa: F401  (first: silences TensorFlow's start-up noise)
+from tf_mtssl.core import quiet  # noqa: F401  (first: silences TensorFlow's start-up noise)
 
 import dataclasses
 import logging
@@ -27,8 +27,8 @@ import os
 import keras
 from absl import app, flags
 
-from tf_mtssl import flag_utils
-from tf_mtssl.data import classification_set
+from tf_mtssl import cli as flag_utils
+from tf_mtssl.data import classification as classification_set
 from tf_mtssl.evaluation import common, linear, probes
 
 FLAGS = flags.FLAGS

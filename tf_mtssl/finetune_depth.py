@@ -5,13 +5,13 @@
   python -m tf_mtssl.finetune_depth --flagfile=flags/depth_nyu.cfg --model_dir=runs/mtl \
       --tfds_data_dir=/data/tfds
 
-The whole network is fine-tuned; the test split is evaluated with `tf_mtssl.metrics.depth_metrics`
+The whole network is fine-tuned; the test split is evaluated with `tf_mtssl.evaluation.metrics.depth_metrics`
 (printed, written to TensorBoard under --output_dir and to --output_dir/results.json with the
 trunk's provenance; an --output_dir made from another trunk source is refused). See
-`tf_mtssl.evaluation.depth` (network, loss) and `tf_mtssl.data.depth_sources` (data, splits).
+`tf_mtssl.evaluation.depth` (network, loss) and `tf_mtssl.data.depth` (data, splits).
 """
 
-from tf_mtssl import quiet  # noqa: F401  (first: silences TensorFlow's start-up noise)
+from tf_mtssl.core import quiet  # noqa: F401  (first: silences TensorFlow's start-up noise)
 
 import dataclasses
 import logging
@@ -20,8 +20,9 @@ import os
 import keras
 from absl import app, flags
 
-from tf_mtssl import flag_utils, metrics
-from tf_mtssl.data import depth_sources
+from tf_mtssl import cli as flag_utils
+from tf_mtssl.evaluation import metrics
+from tf_mtssl.data import depth as depth_sources
 from tf_mtssl.evaluation import common, depth
 
 FLAGS = flags.FLAGS

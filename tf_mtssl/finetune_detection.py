@@ -10,10 +10,10 @@ initialisation (--init=random: the architecture of --model_dir when given, else 
 folder was made from the same trunk source (trunk_source.json), else refuses it naming both; writes
 TensorBoard logs there and, at the end, results.json (mAP, per-class AP, the trunk's provenance).
 The detector, input and optimisation flags are the fields of DetectorConfig, InputConfig and
-FinetuneConfig (tf_mtssl.detection), with their defaults and help.
+FinetuneConfig (tf_mtssl.evaluation.detection), with their defaults and help.
 """
 
-from tf_mtssl import quiet  # noqa: F401  (first: silences TensorFlow's start-up noise)
+from tf_mtssl.core import quiet  # noqa: F401  (first: silences TensorFlow's start-up noise)
 
 import dataclasses
 import logging
@@ -23,10 +23,10 @@ import typing
 from absl import app, flags
 import keras
 
-from tf_mtssl import flag_utils
-from tf_mtssl.detection import data as data_lib
-from tf_mtssl.detection import model as model_lib
-from tf_mtssl.detection import train as train_lib
+from tf_mtssl import cli as flag_utils
+from tf_mtssl.evaluation.detection import data as data_lib
+from tf_mtssl.evaluation.detection import model as model_lib
+from tf_mtssl.evaluation.detection import train as train_lib
 from tf_mtssl.evaluation import common
 
 FLAGS = flags.FLAGS

@@ -8,15 +8,17 @@
 
 Writes --model_dir/run_config.json (trunk architecture, input convention, what was imported and what
 was ignored) and --model_dir/ckpt-0 (named item `trunk`), which every evaluation (--model_dir),
-`export.export_saved_model` and so the server accept. See `tf_mtssl.slim_checkpoint`.
+`tf_mtssl.export_saved_model` and so the server accept. See `tf_mtssl.runs.slim_import`.
 """
 
-from tf_mtssl import quiet  # noqa: F401  (first: silences TensorFlow's start-up noise)
+from tf_mtssl.core import quiet  # noqa: F401  (first: silences TensorFlow's start-up noise)
 
 from absl import app, flags
 
-from tf_mtssl import flag_utils, preprocessing, slim_checkpoint
-from tf_mtssl import trunk as trunk_lib
+from tf_mtssl import cli as flag_utils
+from tf_mtssl.model import preprocessing
+from tf_mtssl.runs import slim_import as slim_checkpoint
+from tf_mtssl.model import trunk as trunk_lib
 
 FLAGS = flags.FLAGS
 

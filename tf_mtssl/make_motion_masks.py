@@ -2,12 +2,12 @@
 
   python -m tf_mtssl.make_motion_masks --videos='clips/*.mp4' --output_dir=masks --debug_dir=masks_debug
 
-The method and the record format are described in `tf_mtssl.motion_masks`. Every field of
+The method and the record format are described in `tf_mtssl.data.motion_masks`. Every field of
 `motion_masks.MaskOptions` is a flag of the same name with the same default. Unusable videos are
 reported and skipped; the exit status is non-zero only when nothing at all could be produced.
 """
 
-from tf_mtssl import quiet  # noqa: F401  (first: silences TensorFlow's start-up noise)
+from tf_mtssl.core import quiet  # noqa: F401  (first: silences TensorFlow's start-up noise)
 
 import dataclasses
 import sys
@@ -16,7 +16,7 @@ import typing
 from absl import app
 from absl import flags
 
-from tf_mtssl import motion_masks
+from tf_mtssl.data import motion_masks
 
 flags.DEFINE_string("videos", "data/embedded/videos", "A video file, a folder (searched recursively) or a "
                     "glob of video files.")

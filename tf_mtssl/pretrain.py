@@ -14,7 +14,7 @@ not be formed within --cluster_timeout_s, or a peer worker lost mid-run; 42
 input pipeline, without, --stop_grace_s later): run the same command again to resume.
 """
 
-from tf_mtssl import quiet  # noqa: F401  (first: silences TensorFlow's start-up noise)
+from tf_mtssl.core import quiet  # noqa: F401  (first: silences TensorFlow's start-up noise)
 
 import logging
 import os
@@ -22,9 +22,10 @@ import sys
 
 from absl import app, flags
 
-from tf_mtssl import distribute, flag_utils
+from tf_mtssl.pretraining import distribution as distribute
+from tf_mtssl import cli as flag_utils
 from tf_mtssl import tasks as task_registry
-from tf_mtssl import train
+from tf_mtssl.pretraining import trainer as train
 
 FLAGS = flags.FLAGS
 
@@ -41,7 +42,7 @@ flags.DEFINE_integer("batch_size", 32, "Global batch per task (examples of that 
 flags.DEFINE_multi_string("task_batch_size", [], "Per-task global batch override TASK=N (e.g. rp=56); repeatable.")
 flags.DEFINE_integer("train_steps", 100_000, "Total steps (each step = one batch of every task).")
 flags.DEFINE_float("learning_rate", 1e-4, "Peak learning rate of every task's RMSProp; a normalised step moves "
-                   "each weight by about this much (tf_mtssl/optimizer.py).")
+                   "each weight by about this much (tf_mtssl/pretraining/optimizer.py).")
 flags.DEFINE_integer("warmup_steps", 1000, "Linear learning-rate warm-up steps.")
 flags.DEFINE_float("rmsprop_rho", 0.9, "RMSProp decay of the second moment (paper_spec 4 [I]).")
 flags.DEFINE_float("rmsprop_momentum", 0.9, "RMSProp momentum (paper_spec 4 [I]).")

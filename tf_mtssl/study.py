@@ -1,5 +1,5 @@
 """A small study: grids of pretraining configurations x seeds, every trunk evaluated by one protocol at
-several points of pretraining (issue 19; `tf_mtssl.study_grid`, `tf_mtssl.study_report`).
+several points of pretraining (issue 19; `tf_mtssl.studies.grid`, `tf_mtssl.studies.report`).
 
   python -m tf_mtssl.study --flagfile=flags/study_fashion_mnist.cfg   # random, rp, ex, rp+ex
   python -m tf_mtssl.study --flagfile=flags/study_photos.cfg          # the natural-photo grid
@@ -13,7 +13,7 @@ again after a kill and it resumes, never redoing a finished evaluation. --quick 
 minute; its numbers mean nothing.
 """
 
-from tf_mtssl import quiet  # noqa: F401  (first: silences TensorFlow's start-up noise)
+from tf_mtssl.core import quiet  # noqa: F401  (first: silences TensorFlow's start-up noise)
 
 import dataclasses
 import logging
@@ -23,7 +23,10 @@ import time
 
 from absl import app, flags
 
-from tf_mtssl import flag_utils, study_grid, study_report, train
+from tf_mtssl import cli as flag_utils
+from tf_mtssl.studies import grid as study_grid
+from tf_mtssl.studies import report as study_report
+from tf_mtssl.pretraining import trainer as train
 from tf_mtssl import tasks as task_registry
 from tf_mtssl.evaluation import probes
 
@@ -44,10 +47,10 @@ flags.DEFINE_float("learning_rate", 1e-4, "Peak RMSProp learning rate (issue 14'
 flags.DEFINE_integer("warmup_steps", 100, "Linear learning-rate warm-up steps.")
 flags.DEFINE_float("rmsprop_rho", 0.9, "RMSProp decay.")
 flags.DEFINE_float("rmsprop_momentum", 0.9, "RMSProp momentum.")
-flags.DEFINE_float("rmsprop_epsilon", 1e-6, "RMSProp epsilon, outside the root (tf_mtssl/optimizer.py).")
+flags.DEFINE_float("rmsprop_epsilon", 1e-6, "RMSProp epsilon, outside the root (tf_mtssl/pretraining/optimizer.py).")
 flags.DEFINE_float("weight_decay", 1e-4, "Decoupled weight decay on kernels (pretraining).")
 flags.DEFINE_enum("trunk_update", "sum", ["sum", "mean"], "How the per-task RMSProp updates combine on the "
-                  "shared trunk (tf_mtssl/optimizer.py).")
+                  "shared trunk (tf_mtssl/pretraining/optimizer.py).")
 flags.DEFINE_integer("log_every", 20, "Steps between pretraining scalar summaries.")
 flags.DEFINE_integer("grad_cosine_every", 100, "Steps between task-gradient cosine summaries (0: never).")
 flags.DEFINE_string("probe_data", "fashion_mnist", "Probe set (tf_mtssl.data.probe_sets): fashion_mnist or objects.")

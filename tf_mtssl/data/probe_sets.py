@@ -132,7 +132,7 @@ def load_fashion_pretrain() -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Preparation steps (`tf_mtssl.data.prepare_embedded.STEPS`).
+# Preparation steps (`tf_mtssl.data.prepare.STEPS`).
 
 
 def read_idx(data: bytes) -> np.ndarray:
@@ -166,7 +166,7 @@ def split_fashion_indices(labels: np.ndarray, per_class: Dict[str, int], seed: i
 
 
 def prepare_fashion_mnist_step(root: pathlib.Path, cache_dir: Optional[pathlib.Path] = None) -> List:
-  from tf_mtssl.data import prepare_embedded as prep
+  from tf_mtssl.data import prepare as prep
   deb = prep.find_or_download_deb(FASHION_PACKAGE, cache_dir or prep.default_cache_dir())
   if deb is None:
     return []
@@ -282,7 +282,7 @@ def composite(obj: np.ndarray, background: np.ndarray, rng: np.random.Generator,
 def prepare_objects_step(root: pathlib.Path, cache_dir: Optional[pathlib.Path] = None) -> List:
   """Selects the photo stamps, splits them by photo and composites them onto held-out backgrounds."""
   import cv2  # pylint: disable=g-import-not-at-top
-  from tf_mtssl.data import prepare_embedded as prep
+  from tf_mtssl.data import prepare as prep
   backgrounds = {s: sorted((probes_dir(root) / "backgrounds" / s).glob("*.jpg")) for s in SPLITS}
   if not all(backgrounds.values()):
     return []  # no background photos (no apt): retried on the next run

@@ -4,7 +4,7 @@ owns, learning-rate schedules, the results file.
 Trunk sources (paper_spec 7, 7.4), resolved once by `load_trunk` into the trunk and its provenance:
   init="pretrained", model_dir   the trunk of a pretraining run (rebuilt from its run_config.json,
                                  weights of its newest readable or a named checkpoint);
-  init="pretrained", trunk_keras an exported trunk (`tf_mtssl.export_lib`): a `trunk.keras` file or an
+  init="pretrained", trunk_keras an exported trunk (`tf_mtssl.serving.export`): a `trunk.keras` file or an
                                  export directory (its newest version);
   init="random"                  the same architecture with random weights, the paper's "Random Init"
                                  baseline (paper_spec 7.4): the architecture of `model_dir` when given
@@ -25,8 +25,9 @@ from typing import Dict, NamedTuple, Optional, Sequence
 
 import keras
 
-from tf_mtssl import checkpoints, preprocessing
-from tf_mtssl import trunk as trunk_lib
+from tf_mtssl.runs import checkpoints
+from tf_mtssl.model import preprocessing
+from tf_mtssl.model import trunk as trunk_lib
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +96,7 @@ def load_trunk(init: str, *, model_dir: str = "", checkpoint: str = "", trunk_ke
 def _load_keras_trunk(path: str):
   """(trunk, provenance) of a `trunk.keras` file, or an export directory / version directory."""
   if os.path.isdir(path):
-    from tf_mtssl import export_lib  # only this path needs the export module
+    from tf_mtssl.serving import export as export_lib  # only this path needs the export module
     version_dir = export_lib.version_dir(path)
     trunk = export_lib.load_keras_trunk(version_dir)
     metadata = export_lib.read_metadata(version_dir)
@@ -108,7 +109,7 @@ def _load_keras_trunk(path: str):
     if "model_dir" in metadata:
       provenance["exported_from"] = {k: metadata.get(k) for k in ("model_dir", "checkpoint", "step")}
   elif os.path.isfile(path):
-    from tf_mtssl import lasso  # noqa: F401  (registers the project's custom layers)
+    from tf_mtssl.model import lasso  # noqa: F401  (registers the project's custom layers)
     trunk = keras.models.load_model(path, compile=False)
     provenance = {"source": "keras_file", "keras_file": os.path.abspath(path)}
   else:
@@ -122,12 +123,12 @@ def _load_keras_trunk(path: str):
 
 
 def load_keras_trunk(path: str) -> keras.Model:
-  """A `trunk.keras` file, or an export directory / version directory of `tf_mtssl.export_lib`."""
+  """A `trunk.keras` file, or an export directory / version directory of `tf_mtssl.serving.export`."""
   return _load_keras_trunk(path)[0]
 
 
 def input_convention(provenance: Dict) -> str:
-  """The input convention (`tf_mtssl.preprocessing`) a trunk source was trained with, as recorded there.
+  """The input convention (`tf_mtssl.model.preprocessing`) a trunk source was trained with, as recorded there.
 
   A run: its run_config.json (pretraining runs: VGG, paper_spec 2.2; imported slim checkpoints: as
   imported); an export, or a `trunk.keras` file inside one (`<version>/assets.extra/`, beside
@@ -141,7 +142,7 @@ def input_convention(provenance: Dict) -> str:
   if source == "random" and provenance.get("architecture_of"):
     return checkpoints.input_convention(checkpoints.load_run_config(provenance["architecture_of"]))
   if source in ("export", "keras_file"):
-    from tf_mtssl import export_lib  # only this path needs the export module
+    from tf_mtssl.serving import export as export_lib  # only this path needs the export module
     version_dir = provenance.get("export_dir") or os.path.dirname(os.path.dirname(provenance["keras_file"]))
     if os.path.isfile(os.path.join(version_dir, export_lib.EXTRA_DIR, export_lib.METADATA_FILE)):
       return export_lib.input_convention(version_dir)

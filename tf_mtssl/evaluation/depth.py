@@ -19,7 +19,7 @@ Loss: berHu (reverse Huber, Laina et al.), chosen because it is the loss FCRN in
 this decoder with: L1 on small residuals (which keeps a gradient on the many pixels that are nearly
 right), L2 beyond c = 0.2 x the batch's largest absolute residual (which weighs the large errors of
 distant or thin structures more). It is computed on the target's own units (NYU: metres; the stereo
-pairs: inverse depth, see `tf_mtssl.data.depth_sources`) over valid pixels only (ground truth finite
+pairs: inverse depth, see `tf_mtssl.data.depth`) over valid pixels only (ground truth finite
 and > 0). L1 on log depth would need positive predictions at every step and weighs near and far
 errors equally; berHu on the linear output needs neither.
 
@@ -29,7 +29,7 @@ Test protocol (Eigen et al. 2014, FCRN; paper_spec 7.3 [I]): the network sees ea
 resolution its source gives (NYU: the whole frame at the training resolution), its prediction is
 bilinearly upsampled to the ground truth's own resolution (NYU: 640 x 480) and scored inside the
 source's mask (NYU: the Eigen crop), with ground truth beyond `max_depth` left out and predictions
-clipped to it (NYU: 10 m). Every metric of `tf_mtssl.metrics` is reported twice, named as such:
+clipped to it (NYU: 10 m). Every metric of `tf_mtssl.evaluation.metrics` is reported twice, named as such:
 `per_image_mean` (each image's metric, averaged over images, as Eigen et al.'s code) and `pooled`
 (all valid pixels of the set weighing the same). delta1 is the paper's "% pixels below 1.25".
 """
@@ -44,10 +44,11 @@ import numpy as np
 import tensorflow as tf
 from keras import layers
 
-from tf_mtssl import lasso as lasso_lib
-from tf_mtssl import metrics, preprocessing
-from tf_mtssl import progress as progress_lib
-from tf_mtssl import trunk as trunk_lib
+from tf_mtssl.model import lasso as lasso_lib
+from tf_mtssl.evaluation import metrics
+from tf_mtssl.model import preprocessing
+from tf_mtssl.core import progress as progress_lib
+from tf_mtssl.model import trunk as trunk_lib
 from tf_mtssl.evaluation import common
 
 _AUTOTUNE = tf.data.AUTOTUNE
@@ -136,7 +137,7 @@ def berhu_loss(pred: tf.Tensor, gt: tf.Tensor, valid: tf.Tensor,
 class DepthNetwork:
   """Trunk + (eval lasso) + decoder; `__call__` maps RGB [B, H, W, 3] in [0, 255] to depth [B, H, W].
 
-  `convention`: the trunk's input convention (`tf_mtssl.preprocessing`; the run's recorded one).
+  `convention`: the trunk's input convention (`tf_mtssl.model.preprocessing`; the run's recorded one).
   """
 
   def __init__(self, trunk: keras.Model, num_upprojections: int = 3, width: int = 0,

@@ -24,7 +24,7 @@ Protocol:
     [N, grid, grid, C]; pooling and the alpha combination are both linear, so combining pooled units is
     exactly pooling the combination. With `augment` (random-resized crops + flips, paper_spec 7.1 [I])
     features change every step and are computed on the fly.
-  - Metrics: top-1 and top-5 accuracy (`tf_mtssl.metrics.top_k_accuracy`; top-5 is the paper's
+  - Metrics: top-1 and top-5 accuracy (`tf_mtssl.evaluation.metrics.top_k_accuracy`; top-5 is the paper's
     "Recall@5") on the evaluation split, every `eval_every` steps and at the end.
 """
 
@@ -37,12 +37,14 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tf_mtssl import lasso as lasso_lib
-from tf_mtssl import metrics, preprocessing
-from tf_mtssl import progress as progress_lib
-from tf_mtssl.data import classification_set, sources
+from tf_mtssl.model import lasso as lasso_lib
+from tf_mtssl.evaluation import metrics
+from tf_mtssl.model import preprocessing
+from tf_mtssl.core import progress as progress_lib
+from tf_mtssl.data import sources
+from tf_mtssl.data import classification as classification_set
 from tf_mtssl.evaluation import common
-from tf_mtssl.export_lib import pool_to_grid
+from tf_mtssl.serving.export import pool_to_grid
 from tf_mtssl.tasks.base import NUM_CORRUPT_KEY
 
 _AUTOTUNE = tf.data.AUTOTUNE

@@ -26,7 +26,7 @@ from typing import Dict, Optional, Sequence, Tuple
 import keras
 import numpy as np
 
-from tf_mtssl.data import classification_set
+from tf_mtssl.data import classification as classification_set
 from tf_mtssl.evaluation import linear
 
 PROBES = ("linear", "knn")
@@ -143,7 +143,7 @@ def reestimate_batchnorm(trunk: keras.Model, batches, convention: str = "vgg") -
   A trunk pretrained on one task's inputs (e.g. rp's colour-dropped, RMS-normalised patches) keeps
   statistics of those inputs; this shows how much of a probe's result is that mismatch.
   """
-  from tf_mtssl import preprocessing  # pylint: disable=g-import-not-at-top
+  from tf_mtssl.model import preprocessing  # pylint: disable=g-import-not-at-top
   layers = [l for l in trunk.layers if isinstance(l, keras.layers.BatchNormalization)]  # the trunk is flat
   saved = [l.momentum for l in layers]
   count = 0

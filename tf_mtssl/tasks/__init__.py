@@ -8,8 +8,8 @@ from tf_mtssl.tasks.base import Task
 # One line per task. Adding a task: write its module and add its line here.
 _REGISTRY: Dict[str, str] = {
     "rp": "tf_mtssl.tasks.relative_position:RelativePositionTask",
-    "ex": "tf_mtssl.tasks.exemplar:ExemplarTask",
-    "col": "tf_mtssl.tasks.colorization:ColorizationTask",
+    "ex": "tf_mtssl.tasks.exemplar.task:ExemplarTask",
+    "col": "tf_mtssl.tasks.colorization.task:ColorizationTask",
     "ms": "tf_mtssl.tasks.motion_segmentation:MotionSegmentationTask",
 }
 

@@ -5,7 +5,7 @@ Data flows one way: source -> `build_dataset` (tf.data preprocessing) -> `trunk_
 binaries know tasks only through this class and the registry in `tf_mtssl.tasks`.
 
 Per-task hyper-parameters live in the task's `Options` dataclass; every field becomes a
-`--<task>_<field>` absl flag of the training binaries (see `tf_mtssl.flag_utils`), so adding a task
+`--<task>_<field>` absl flag of the training binaries (see `tf_mtssl.cli`), so adding a task
 means one new module plus one registry line.
 """
 

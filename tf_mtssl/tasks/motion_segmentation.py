@@ -23,7 +23,8 @@ import keras
 import tensorflow as tf
 from keras import layers
 
-from tf_mtssl import motion_masks, preprocessing
+from tf_mtssl.data import motion_masks
+from tf_mtssl.model import preprocessing
 from tf_mtssl.data import embedded, sources
 from tf_mtssl.tasks.base import NUM_CORRUPT_KEY, Task
 

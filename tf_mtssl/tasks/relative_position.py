@@ -15,7 +15,7 @@ Per-patch preprocessing: pixelation with p = 1/3 (down to s x s, s = sqrt(U(10^2
 patch/96, then back up); then either colour dropping (keep one random channel minus its mean, the
 other two i.i.d. U(-0.5, 0.5) noise, then RMS normalisation to 50 — the original's scaling, C1; the
 VGG mean subtraction of paper_spec 2.2 has no meaning once two channels are noise) or, with
-`harmonize` (paper_spec 6), colorization's gray input `tf_mtssl.color.to_gray_input`.
+`harmonize` (paper_spec 6), colorization's gray input `tf_mtssl.model.color.to_gray_input`.
 
 Head [I, paper_spec 3.1 recommendation, mirrors the original]: per patch 1x1 conv to
 `reduce_channels` (+BN, ReLU), flatten, FC `hidden` (+BN, ReLU) with weights shared by all patches;
@@ -174,7 +174,7 @@ class RelativePositionTask(Task):
     seeds = tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), 2)
     patches = pixelate(patches, seeds[0], self.options.pixelation_prob)
     if self.harmonize:
-      from tf_mtssl import color  # paper_spec 6: the same gray preprocessing as colorization
+      from tf_mtssl.model import color  # paper_spec 6: the same gray preprocessing as colorization
       return color.to_gray_input(patches)
     return drop_colors(patches, seeds[1], self.options.rms_scale)
 

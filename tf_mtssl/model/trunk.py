@@ -1,0 +1,135 @@
+"""Pre-activation ResNet-v2 trunk up to the end of block 3 (paper_spec 2.1).
+
+Layout follows tf-slim `resnet_v2` (the authors' implementation, paper_spec S1/C4):
+  root: 7x7/2 conv (bias, no BN) -> 3x3/2 max-pool (SAME);
+  bottleneck units: preact = ReLU(BN(x)); shortcut = identity / 1x1-stride max-pool, or a 1x1 conv
+  (bias) of preact when the depth changes; residual = 1x1 (BN, ReLU) -> 3x3 (stride, rate; BN, ReLU)
+  -> 1x1 (bias); output = shortcut + residual, with no BN/ReLU after the add;
+  the stride sits in the LAST unit of blocks 1-3; BN epsilon 1e-5 with scale, decay 0.997
+  (`resnet_arg_scope`); strided convs use slim's `conv2d_same` explicit padding.
+
+`output_stride` follows slim's `stack_blocks_dense`: once the running stride reaches the target,
+later units run at stride 1 and the atrous rate grows by the stride they skip. At output stride 16
+the skipped stride is the one in block 3's last unit, so every block-3 unit (and hence every unit
+output the lasso combines, paper_spec 5) shares one spatial shape; at output stride 8 all of block 3
+runs with rate 2.
+
+The model returns a dict: `block3` (the block-3 end point, the representation all naive heads read)
+and `units`, the list of every block-3 unit output (the last one is `block3`).
+"""
+
+from typing import Dict, Optional, Sequence, Tuple
+
+import keras
+from keras import layers
+
+# Units per block (blocks 1-3) for the standard depths; depth counts block 4 too, as in the paper's
+# names (ResNet-101 = 3 * (3 + 4 + 23 + 3) + 2). 14 and 26 are small trunks for tests.
+UNITS_PER_BLOCK: Dict[int, Tuple[int, int, int]] = {
+    14: (1, 1, 1),
+    26: (2, 2, 2),
+    50: (3, 4, 6),
+    101: (3, 4, 23),
+    152: (3, 8, 36),
+    200: (3, 24, 36),
+}
+VALID_OUTPUT_STRIDES = (8, 16, 32)
+BN_EPSILON = 1e-5      # paper_spec 2.1: resnet_arg_scope(batch_norm_epsilon=1e-5, scale=True)
+BN_MOMENTUM = 0.997    # tf-slim resnet_arg_scope batch_norm_decay
+
+
+def _bn(name):
+  return layers.BatchNormalization(epsilon=BN_EPSILON, momentum=BN_MOMENTUM, scale=True, center=True,
+                                   name=name)
+
+
+def conv2d_same(x, filters, kernel_size, stride, rate=1, use_bias=False, name=None):
+  """tf-slim `conv2d_same`: stride 1 -> SAME; stride > 1 -> explicit symmetric-ish pad + VALID.
+
+  Keeps outputs independent of the input's parity, so a checkpoint of the slim model reproduces it.
+  """
+  if stride == 1:
+    return layers.Conv2D(filters, kernel_size, strides=1, dilation_rate=rate, padding="same",
+                         use_bias=use_bias, name=name)(x)
+  effective = kernel_size + (kernel_size - 1) * (rate - 1)
+  pad_total = effective - 1
+  pad_beg, pad_end = pad_total // 2, pad_total - pad_total // 2
+  x = layers.ZeroPadding2D(((pad_beg, pad_end), (pad_beg, pad_end)), name=f"{name}_pad")(x)
+  return layers.Conv2D(filters, kernel_size, strides=stride, dilation_rate=rate, padding="valid",
+                       use_bias=use_bias, name=name)(x)
+
+
+def bottleneck_unit(x, depth, depth_bottleneck, stride, rate, name):
+  """One pre-activation bottleneck unit (slim `resnet_v2.bottleneck`)."""
+  depth_in = x.shape[-1]
+  preact = layers.ReLU(name=f"{name}_preact_relu")(_bn(f"{name}_preact_bn")(x))
+  if depth == depth_in:
+    shortcut = x if stride == 1 else layers.MaxPooling2D(1, strides=stride, name=f"{name}_shortcut")(x)
+  else:
+    shortcut = layers.Conv2D(depth, 1, strides=stride, use_bias=True, name=f"{name}_shortcut")(preact)
+  r = layers.Conv2D(depth_bottleneck, 1, use_bias=False, name=f"{name}_conv1")(preact)
+  r = layers.ReLU(name=f"{name}_conv1_relu")(_bn(f"{name}_conv1_bn")(r))
+  r = conv2d_same(r, depth_bottleneck, 3, stride, rate=rate, name=f"{name}_conv2")
+  r = layers.ReLU(name=f"{name}_conv2_relu")(_bn(f"{name}_conv2_bn")(r))
+  r = layers.Conv2D(depth, 1, use_bias=True, name=f"{name}_conv3")(r)
+  return layers.Add(name=f"{name}_out")([shortcut, r])
+
+
+def trunk_config(depth: int = 101, output_stride: int = 16, base_width: int = 64) -> dict:
+  """Validated architecture description (what a run records and export rebuilds from)."""
+  if depth not in UNITS_PER_BLOCK:
+    raise ValueError(f"Unsupported trunk depth {depth}; choose one of {sorted(UNITS_PER_BLOCK)}")
+  if output_stride not in VALID_OUTPUT_STRIDES:
+    raise ValueError(f"output_stride must be one of {VALID_OUTPUT_STRIDES}, got {output_stride}")
+  if base_width < 4 or base_width % 4:
+    raise ValueError(f"base_width must be a positive multiple of 4, got {base_width}")
+  return {"depth": int(depth), "output_stride": int(output_stride), "base_width": int(base_width)}
+
+
+def feature_channels(base_width: int = 64) -> int:
+  """Channels of the block-3 output: 4 x (4 x base_width), i.e. 1024 for the standard width."""
+  return 16 * base_width
+
+
+def num_block3_units(depth: int) -> int:
+  return UNITS_PER_BLOCK[depth][2]
+
+
+def build_trunk(depth: int = 101, output_stride: int = 16, base_width: int = 64,
+                input_shape: Sequence[Optional[int]] = (None, None, 3),
+                name: Optional[str] = None) -> keras.Model:
+  """Builds the block-3 ResNet-v2 trunk.
+
+  Args:
+    depth: one of UNITS_PER_BLOCK (101 by default, the paper's trunk).
+    output_stride: 8, 16 (default, paper_spec 2.1 recommendation) or 32 (the released checkpoint).
+    base_width: root/block-1 bottleneck width; 64 is the standard ResNet, smaller values make tiny
+      trunks for tests (block-3 output has 16 * base_width channels).
+    input_shape: (H, W, 3); spatial dims may be None. Inputs are preprocessed float images
+      (`tf_mtssl.model.preprocessing`).
+  Returns:
+    A functional model: images -> {"block3": [B, h, w, C], "units": [U_1, ..., U_N]}.
+  """
+  cfg = trunk_config(depth, output_stride, base_width)
+  units_per_block = UNITS_PER_BLOCK[depth]
+  inputs = keras.Input(shape=tuple(input_shape), name="images")
+  x = conv2d_same(inputs, base_width, 7, 2, use_bias=True, name="conv1")
+  x = layers.MaxPooling2D(3, strides=2, padding="same", name="pool1")(x)
+  current_stride, rate = 4, 1
+  block3_units = []
+  for block_index, num_units in enumerate(units_per_block, start=1):
+    bottleneck = base_width * 2 ** (block_index - 1)
+    for unit_index in range(1, num_units + 1):
+      unit_stride = 2 if unit_index == num_units else 1
+      if current_stride == cfg["output_stride"]:
+        x = bottleneck_unit(x, 4 * bottleneck, bottleneck, 1, rate,
+                            name=f"block{block_index}_unit{unit_index}")
+        rate *= unit_stride
+      else:
+        x = bottleneck_unit(x, 4 * bottleneck, bottleneck, unit_stride, 1,
+                            name=f"block{block_index}_unit{unit_index}")
+        current_stride *= unit_stride
+      if block_index == 3:
+        block3_units.append(x)
+  model_name = name or f"resnet_v2_{depth}_block3"
+  return keras.Model(inputs, {"block3": block3_units[-1], "units": block3_units}, name=model_name)
