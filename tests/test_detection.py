@@ -19,7 +19,8 @@ from tf_mtssl.evaluation.detection import data as data_lib
 from tf_mtssl.evaluation.detection import model as model_lib
 from tf_mtssl.evaluation.detection import targets
 from tf_mtssl.evaluation.detection import train as train_lib
-from tf_mtssl.evaluation import common
+from tf_mtssl.evaluation import outputs
+from tf_mtssl.runs import trunk_source
 from tests import helpers
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -41,7 +42,7 @@ def skimage_photos():
 
 def tiny_detector(num_classes=3, **overrides):
   """A detector on a random tiny trunk (seed 0); its trunk's provenance is `RANDOM_TINY`."""
-  trunk, _ = common.load_trunk("random", trunk_config=helpers.TINY_TRUNK, seed=0)
+  trunk, _ = trunk_source.load_trunk("random", trunk_config=helpers.TINY_TRUNK, seed=0)
   return model_lib.FasterRCNN(trunk, model_lib.DetectorConfig(num_classes=num_classes,
                                                               **{**TINY_DETECTOR, **overrides}))
 
@@ -233,7 +234,7 @@ def test_tiny_detector_overfits_a_few_embedded_images(tmp_path):
                               config, trunk_source=RANDOM_TINY)
   assert result["final_losses"]["detection_loss"] < 0.5
   assert result["mAP"] >= 0.8, result
-  saved = json.loads((tmp_path / common.RESULTS_FILE).read_text())
+  saved = json.loads((tmp_path / outputs.RESULTS_FILE).read_text())
   assert saved["mAP"] == pytest.approx(result["mAP"], rel=1e-6) and set(saved["AP"]) == set(class_names)
   assert saved["trunk"] == RANDOM_TINY and saved["evaluation"] == "detection"
   assert tf.train.latest_checkpoint(str(tmp_path)).endswith("ckpt-100")
@@ -282,7 +283,7 @@ def _fake_pretraining_run(model_dir, lasso=None):
 def test_detector_on_a_restored_trunk_starts_from_its_weights(tmp_path):
   pretrained = _fake_pretraining_run(tmp_path / "run")
   keras.utils.set_random_seed(0)
-  trunk, info = common.load_trunk("pretrained", model_dir=str(tmp_path / "run"))
+  trunk, info = trunk_source.load_trunk("pretrained", model_dir=str(tmp_path / "run"))
   detector = model_lib.FasterRCNN(trunk, model_lib.DetectorConfig(num_classes=2, **TINY_DETECTOR))
   assert info["init"] == "pretrained" and info["checkpoint"].endswith("ckpt-1")
   fresh = trunk_lib.build_trunk(**helpers.TINY_TRUNK)
@@ -295,22 +296,22 @@ def test_detector_on_a_restored_trunk_starts_from_its_weights(tmp_path):
                        pretrained(images, training=False)["block3"].numpy())
   # An exported trunk.keras loads the same weights.
   pretrained.save(str(tmp_path / "trunk.keras"))
-  trunk_k, info_k = common.load_trunk("pretrained", trunk_keras=str(tmp_path / "trunk.keras"))
+  trunk_k, info_k = trunk_source.load_trunk("pretrained", trunk_keras=str(tmp_path / "trunk.keras"))
   for want, got in zip(pretrained.weights, trunk_k.weights):
     np.testing.assert_array_equal(want.numpy(), got.numpy())
 
 
 def test_load_trunk_errors_are_clear(tmp_path):
   with pytest.raises(ValueError, match="exactly one of --model_dir"):
-    common.load_trunk("pretrained")
+    trunk_source.load_trunk("pretrained")
   with pytest.raises(FileNotFoundError):
-    common.load_trunk("pretrained", model_dir=str(tmp_path))          # no run_config.json
+    trunk_source.load_trunk("pretrained", model_dir=str(tmp_path))          # no run_config.json
   checkpoints.save_run_config(str(tmp_path), {"trunk": trunk_lib.trunk_config(**helpers.TINY_TRUNK)})
   with pytest.raises(FileNotFoundError, match="No checkpoint"):
-    common.load_trunk("pretrained", model_dir=str(tmp_path))
+    trunk_source.load_trunk("pretrained", model_dir=str(tmp_path))
   with pytest.raises(FileNotFoundError, match="trunk.keras file or an export directory"):
-    common.load_trunk("pretrained", trunk_keras=str(tmp_path / "missing.keras"))
-  trunk, info = common.load_trunk("random", trunk_config=helpers.TINY_TRUNK)
+    trunk_source.load_trunk("pretrained", trunk_keras=str(tmp_path / "missing.keras"))
+  trunk, info = trunk_source.load_trunk("random", trunk_config=helpers.TINY_TRUNK)
   assert info["init"] == "random" and trunk_lib.feature_channels(8) == model_lib.trunk_channels(trunk)
 
 
@@ -412,12 +413,12 @@ def test_binary_runs_on_the_embedded_set_and_never_resumes_another_trunks_folder
   block = "\n".join(lines[start:end])
   assert end - start <= 10 and "trunk_bn=frozen" in block and "{" not in block, block
   helpers.assert_progress_bar(proc.stderr, 2)
-  results = json.loads((out / common.RESULTS_FILE).read_text())
+  results = json.loads((out / outputs.RESULTS_FILE).read_text())
   assert results["step"] == 2 and results["num_test_images"] == 2
   assert set(results["AP"]) == set(results["class_names"]) == {"apple", "butterfly", "chelsea"}
   assert results["trunk"]["source"] == "random" and results["trunk"]["trunk"]["depth"] == 14
   assert results["trunk"]["architecture_of"] == str(tmp_path / "run")
-  assert '"depth": 101' not in (out / common.RESULTS_FILE).read_text()  # no flag defaults
+  assert '"depth": 101' not in (out / outputs.RESULTS_FILE).read_text()  # no flag defaults
   saved = {f: os.path.getmtime(out / f) for f in os.listdir(out)}
 
   again = run(f"--model_dir={tmp_path / 'run'}", timeout=120)  # the run's pretrained trunk this time
@@ -426,7 +427,7 @@ def test_binary_runs_on_the_embedded_set_and_never_resumes_another_trunks_folder
   assert f"this detection evaluation is of run {tmp_path / 'run'}, checkpoint" in again.stderr
   assert "Traceback" not in again.stderr
   assert saved == {f: os.path.getmtime(out / f) for f in os.listdir(out)}
-  assert json.loads((out / common.RESULTS_FILE).read_text())["trunk"]["source"] == "random"
+  assert json.loads((out / outputs.RESULTS_FILE).read_text())["trunk"]["source"] == "random"
 
   bad = subprocess.run([sys.executable, "-m", "tf_mtssl.finetune_detection", f"--output_dir={out}"],
                        cwd=REPO, capture_output=True, text=True, timeout=120,

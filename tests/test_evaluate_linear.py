@@ -16,7 +16,8 @@ from tests import helpers
 from tf_mtssl.runs import checkpoints
 from tf_mtssl.model import trunk as trunk_lib
 from tf_mtssl.data import classification as classification_set
-from tf_mtssl.evaluation import common, linear
+from tf_mtssl.evaluation import common, linear, outputs
+from tf_mtssl.runs import trunk_source
 
 SIZE = 48
 
@@ -132,13 +133,13 @@ def test_cached_per_unit_features_give_the_same_logits_as_combining_first():
 def test_run_directory_without_checkpoint_is_a_clear_error(tmp_path):
   checkpoints.save_run_config(str(tmp_path), {"trunk": helpers.TINY_TRUNK})
   with pytest.raises(FileNotFoundError, match="No checkpoint in"):
-    common.load_trunk("pretrained", model_dir=str(tmp_path))
+    trunk_source.load_trunk("pretrained", model_dir=str(tmp_path))
   with pytest.raises(FileNotFoundError, match="run_config.json is missing"):
-    common.load_trunk("pretrained", model_dir=str(tmp_path / "nothing"))
+    trunk_source.load_trunk("pretrained", model_dir=str(tmp_path / "nothing"))
   with pytest.raises(ValueError, match="exactly one"):
-    common.load_trunk("pretrained")
+    trunk_source.load_trunk("pretrained")
   # The random baseline takes the run's architecture (no checkpoint needed).
-  trunk, info = common.load_trunk("random", model_dir=str(tmp_path))
+  trunk, info = trunk_source.load_trunk("random", model_dir=str(tmp_path))
   assert info["trunk"] == helpers.TINY_TRUNK and common.feature_channels(trunk) == 128
 
 
@@ -176,7 +177,7 @@ def test_binary_writes_results_json_of_what_was_used_and_keeps_its_folder_to_one
           "--train_steps=5", "--lr_boundaries=", "--batch_size=8", f"--output_dir={tmp_path / 'out'}"]
   run = _run_binary(*args)
   assert run.returncode == 0, run.stderr[-3000:]
-  text = (tmp_path / "out" / common.RESULTS_FILE).read_text()
+  text = (tmp_path / "out" / outputs.RESULTS_FILE).read_text()
   result = json.loads(text)
   assert 0.0 <= result["top1"] <= result["top5"] <= 1.0 and result["evaluation"] == "linear"
   assert result["trunk"] == {"init": "random", "source": "random", "seed": 0,
@@ -190,7 +191,7 @@ def test_binary_writes_results_json_of_what_was_used_and_keeps_its_folder_to_one
   assert again.returncode == 2 and "Traceback" not in again.stderr
   assert (f"--output_dir {tmp_path / 'out'} holds the linear evaluation of random init (seed 0, depth 14, "
           "base_width 8, output_stride 16); this linear evaluation is of random init (seed 1") in again.stderr
-  assert (tmp_path / "out" / common.RESULTS_FILE).read_text() == text
+  assert (tmp_path / "out" / outputs.RESULTS_FILE).read_text() == text
 
 
 def test_block3_smaller_than_the_grid_is_refused_naming_the_smallest_size():
@@ -236,14 +237,14 @@ def test_tfds_source_reads_a_prepared_dataset_offline(tmp_path):
 def test_exported_trunk_keras_file_is_a_trunk_source(tmp_path):
   trunk = trunk_lib.build_trunk(**helpers.TINY_TRUNK)
   trunk.save(str(tmp_path / "trunk.keras"))
-  loaded, info = common.load_trunk("pretrained", trunk_keras=str(tmp_path / "trunk.keras"))
+  loaded, info = trunk_source.load_trunk("pretrained", trunk_keras=str(tmp_path / "trunk.keras"))
   assert info["source"] == "keras_file" and info["keras_file"].endswith("trunk.keras")
   assert common.num_units(loaded) == 1
   assert all(np.array_equal(a, b) for a, b in zip(_weights(trunk), _weights(loaded)))
   with pytest.raises(FileNotFoundError, match="not found"):
-    common.load_trunk("pretrained", trunk_keras=str(tmp_path / "missing.keras"))
+    trunk_source.load_trunk("pretrained", trunk_keras=str(tmp_path / "missing.keras"))
   with pytest.raises(ValueError, match="not from --trunk_keras"):
-    common.load_trunk("random", trunk_keras=str(tmp_path / "trunk.keras"))
+    trunk_source.load_trunk("random", trunk_keras=str(tmp_path / "trunk.keras"))
 
 
 def test_feature_norm_is_affine_free_and_the_plain_probe_one_option_away():

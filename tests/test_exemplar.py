@@ -11,7 +11,7 @@ from PIL import Image
 from tf_mtssl.tasks.exemplar import augment
 from tf_mtssl.model import preprocessing
 from tf_mtssl import tasks as task_registry
-from tf_mtssl.tasks.base import NUM_CORRUPT_KEY
+from tf_mtssl.data.sources import NUM_CORRUPT_KEY
 from tf_mtssl.tasks.exemplar.task import ExemplarOptions, ExemplarTask, retrieval_accuracy
 from tests import helpers
 

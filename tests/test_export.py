@@ -229,7 +229,7 @@ def test_binary_exports_a_named_checkpoint_as_version_2(run_dir, exported):
 
 def test_a_truncated_newest_checkpoint_is_named_and_skipped_by_export_and_evaluation(tmp_path, run_dir):
   import shutil
-  from tf_mtssl.evaluation import common
+  from tf_mtssl.runs import trunk_source
   run = str(tmp_path / "run")
   shutil.copytree(run_dir, run)
   (data,) = tf.io.gfile.glob(os.path.join(run, "ckpt-2.data-*"))
@@ -248,5 +248,5 @@ def test_a_truncated_newest_checkpoint_is_named_and_skipped_by_export_and_evalua
   assert f"Exported {run}/ckpt-1 as version 1" in stdout
   assert export_lib.read_metadata(str(tmp_path / "exports"))["step"] == 1
   # The evaluations' trunk source does the same, and records the checkpoint it really read.
-  _, provenance = common.load_trunk("pretrained", model_dir=run)
+  _, provenance = trunk_source.load_trunk("pretrained", model_dir=run)
   assert provenance["checkpoint"] == os.path.join(run, "ckpt-1") and provenance["step"] == 1

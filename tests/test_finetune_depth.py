@@ -13,7 +13,7 @@ from tests import helpers
 from tf_mtssl.evaluation import metrics
 from tf_mtssl.model import trunk as trunk_lib
 from tf_mtssl.data import depth as depth_sources
-from tf_mtssl.evaluation import common, depth
+from tf_mtssl.evaluation import common, depth, outputs
 
 CROP = 64
 
@@ -120,7 +120,7 @@ def test_binary_trains_the_eval_lasso_row_on_the_embedded_pairs(tmp_path):
       capture_output=True, text=True, timeout=300, cwd=helpers.REPO_ROOT,
       env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
   assert run.returncode == 0, run.stderr[-3000:]
-  text = (tmp_path / common.RESULTS_FILE).read_text()
+  text = (tmp_path / outputs.RESULTS_FILE).read_text()
   result = json.loads(text)
   assert 0.0 <= result["per_image_mean"]["delta1"] <= 1.0 and 0.0 <= result["pooled"]["delta1"] <= 1.0
   assert result["data"]["kind"] == "stereo"
@@ -128,7 +128,7 @@ def test_binary_trains_the_eval_lasso_row_on_the_embedded_pairs(tmp_path):
   assert result["trunk"] == {"init": "random", "source": "random", "seed": 0,
                              "trunk": trunk_lib.trunk_config(depth=26, base_width=8)}
   assert "flags" not in result and '"depth": 101' not in text  # only what was used
-  assert json.loads((tmp_path / common.SOURCE_FILE).read_text())["trunk"] == result["trunk"]
+  assert json.loads((tmp_path / outputs.SOURCE_FILE).read_text())["trunk"] == result["trunk"]
   alpha = np.array(result["eval_lasso_alpha"])
   assert alpha.shape == (2,) and not np.allclose(alpha, [0.0, 1.0])  # trained away from its init
   assert result["final_train"]["lasso_l1"] > 0
@@ -206,7 +206,7 @@ def test_binary_runs_the_nyu_flagfile_protocol_on_mock_tfds(tmp_path):
       capture_output=True, text=True, timeout=300, cwd=helpers.REPO_ROOT,
       env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
   assert run.returncode == 0, run.stderr[-3000:]
-  result = json.loads((tmp_path / "out" / common.RESULTS_FILE).read_text())
+  result = json.loads((tmp_path / "out" / outputs.RESULTS_FILE).read_text())
   assert result["data"]["eval_crop"] == list(depth_sources.EIGEN_CROP) and result["config"]["max_depth"] == 10.0
   assert result["num_images"] == 2 and result["data"]["resize"] == [240, 320]
   assert result["num_valid_pixels"] <= 2 * (471 - 45) * (601 - 41)

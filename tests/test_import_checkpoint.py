@@ -170,7 +170,7 @@ def test_import_evaluate_export_serve_end_to_end(slim_ref, tmp_path):
   from tf_mtssl.serving import server_lib
   from tests import test_serving
   from tf_mtssl.serving import export as export_lib
-  from tf_mtssl.evaluation import common
+  from tf_mtssl.evaluation import outputs
 
   def run(*args):
     proc = subprocess.run([sys.executable, "-m", *args], cwd=helpers.REPO_ROOT, env=ENV, capture_output=True,
@@ -187,7 +187,7 @@ def test_import_evaluate_export_serve_end_to_end(slim_ref, tmp_path):
   data = _labelled_folder(tmp_path / "photos")
   run("tf_mtssl.evaluate_linear", f"--model_dir={model_dir}", f"--data={data}", "--image_size=64",
       "--train_steps=3", "--batch_size=4", "--lr_boundaries=", f"--output_dir={tmp_path / 'linear'}")
-  result = json.loads((tmp_path / "linear" / common.RESULTS_FILE).read_text())
+  result = json.loads((tmp_path / "linear" / outputs.RESULTS_FILE).read_text())
   assert result["config"]["preprocessing"] == "inception" and result["trunk"]["source"] == "run"
   assert result["num_eval"] == 4 and 0.0 <= result["top1"] <= 1.0
 

@@ -29,11 +29,12 @@ from absl import app, flags
 
 from tf_mtssl import cli as flag_utils
 from tf_mtssl.data import classification as classification_set
-from tf_mtssl.evaluation import common, linear, probes
+from tf_mtssl.evaluation import linear, outputs, probes
+from tf_mtssl.runs import trunk_source
 
 FLAGS = flags.FLAGS
 
-flags.DEFINE_enum("init", "pretrained", list(common.INIT_MODES),
+flags.DEFINE_enum("init", "pretrained", list(trunk_source.INIT_MODES),
                   "pretrained: the trunk of --model_dir or --trunk_keras; random: random weights (the "
                   "paper's Random Init baseline, paper_spec 7.4), architecture of --model_dir if given, "
                   "else of --depth/--output_stride/--base_width.")
@@ -98,7 +99,7 @@ def main(argv):
   del argv
   logging.getLogger().setLevel(logging.INFO)
   keras.utils.set_random_seed(FLAGS.seed)  # heads' initialisation, shuffling: reproducible runs
-  trunk, trunk_info = common.load_trunk(
+  trunk, trunk_info = trunk_source.load_trunk(
       FLAGS.init, model_dir=FLAGS.model_dir, checkpoint=FLAGS.checkpoint, trunk_keras=FLAGS.trunk_keras,
       trunk_config=flag_utils.trunk_config_from_flags(), seed=FLAGS.seed)
   source = classification_set.ClassificationSource(
@@ -113,9 +114,9 @@ def main(argv):
       crop_fraction=FLAGS.crop_fraction, augment=FLAGS.augment, cache_features=FLAGS.cache_features,
       lasso_l1=FLAGS.lasso_l1 if flag_utils.lasso_applies(FLAGS.lasso, "eval") else None,
       eval_every=FLAGS.eval_every, log_every=FLAGS.log_every, seed=FLAGS.seed,
-      progress_bar=FLAGS.progress_bar, preprocessing=common.input_convention(trunk_info))
-  common.claim_output_dir(FLAGS.output_dir, linear.EVALUATION, trunk_info)
-  print(f"Linear evaluation (paper_spec 7.1) of {common.describe_source(trunk_info)}; data "
+      progress_bar=FLAGS.progress_bar, preprocessing=trunk_source.input_convention(trunk_info))
+  outputs.claim_output_dir(FLAGS.output_dir, linear.EVALUATION, trunk_info)
+  print(f"Linear evaluation (paper_spec 7.1) of {trunk_source.describe_source(trunk_info)}; data "
         f"{source.describe()['spec']} ({source.num_classes} classes), train split {FLAGS.train_split!r}, "
         f"eval split {eval_split!r}; {config}")
   if source.kind == "probe_set" or FLAGS.probes != ["linear"] or FLAGS.weight_decays or FLAGS.reestimate_bn:
@@ -127,7 +128,7 @@ def main(argv):
   result.update(data=source.describe(), train_split=FLAGS.train_split, eval_split=eval_split,
                 lasso=FLAGS.lasso, config=dataclasses.asdict(config))
   result["top1_se"] = probes.proportion_se(result["top1"], result["num_eval"])
-  path = common.write_results(FLAGS.output_dir, linear.EVALUATION, trunk_info, result)
+  path = outputs.write_results(FLAGS.output_dir, linear.EVALUATION, trunk_info, result)
   print(f"top1={result['top1']:.4f} (standard error {result['top1_se']:.4f}) top{result['top5_k']}={result['top5']:.4f} "
         f"({result['num_eval']} {eval_split} examples, {source.num_classes} classes, chance top1="
         f"{1.0 / source.num_classes:.4f})")
@@ -147,7 +148,7 @@ def _run_probes(trunk, trunk_info, source, config, eval_split):
                                   reestimate_bn=FLAGS.reestimate_bn)
   result = probes.run_probes(trunk, source, config, protocol)
   result.update(data=source.describe(), protocol=dataclasses.asdict(protocol), config=dataclasses.asdict(config))
-  path = common.write_results(FLAGS.output_dir, linear.EVALUATION, trunk_info, result)
+  path = outputs.write_results(FLAGS.output_dir, linear.EVALUATION, trunk_info, result)
   chance = 1.0 / source.num_classes
   for name in protocol.probes:
     r = result[name]

@@ -23,11 +23,12 @@ from absl import app, flags
 from tf_mtssl import cli as flag_utils
 from tf_mtssl.evaluation import metrics
 from tf_mtssl.data import depth as depth_sources
-from tf_mtssl.evaluation import common, depth
+from tf_mtssl.evaluation import depth, outputs
+from tf_mtssl.runs import trunk_source
 
 FLAGS = flags.FLAGS
 
-flags.DEFINE_enum("init", "pretrained", list(common.INIT_MODES),
+flags.DEFINE_enum("init", "pretrained", list(trunk_source.INIT_MODES),
                   "pretrained: the trunk of --model_dir or --trunk_keras; random: random weights (the "
                   "paper's Random Init baseline, paper_spec 7.4), architecture of --model_dir if given, "
                   "else of --depth/--output_stride/--base_width.")
@@ -94,7 +95,7 @@ def main(argv):
   del argv
   logging.getLogger().setLevel(logging.INFO)
   keras.utils.set_random_seed(FLAGS.seed)  # heads' initialisation, shuffling: reproducible runs
-  trunk, trunk_info = common.load_trunk(
+  trunk, trunk_info = trunk_source.load_trunk(
       FLAGS.init, model_dir=FLAGS.model_dir, checkpoint=FLAGS.checkpoint, trunk_keras=FLAGS.trunk_keras,
       trunk_config=flag_utils.trunk_config_from_flags(), seed=FLAGS.seed)
   source = depth_sources.DepthSource(
@@ -113,10 +114,10 @@ def main(argv):
   network = depth.DepthNetwork(
       trunk, num_upprojections=FLAGS.decoder_upprojections, width=FLAGS.decoder_width,
       lasso_l1=FLAGS.lasso_l1 if flag_utils.lasso_applies(FLAGS.lasso, "eval") else None,
-      convention=common.input_convention(trunk_info))
+      convention=trunk_source.input_convention(trunk_info))
   trainer = depth.DepthTrainer(network, config)
-  common.claim_output_dir(FLAGS.output_dir, depth.EVALUATION, trunk_info)
-  print(f"Depth fine-tuning (paper_spec 7.3) of {common.describe_source(trunk_info)}; data "
+  outputs.claim_output_dir(FLAGS.output_dir, depth.EVALUATION, trunk_info)
+  print(f"Depth fine-tuning (paper_spec 7.3) of {trunk_source.describe_source(trunk_info)}; data "
         f"{source.describe()}; {config}")
   result = trainer.fit(source.train_dataset(seed=FLAGS.seed), source.test_dataset(),
                        summary_dir=FLAGS.output_dir)
@@ -124,7 +125,7 @@ def main(argv):
   result.update(data=source.describe(), lasso=FLAGS.lasso, config=dataclasses.asdict(config),
                 decoder={"upprojections": FLAGS.decoder_upprojections, "width": FLAGS.decoder_width},
                 preprocessing=network.convention)
-  path = common.write_results(FLAGS.output_dir, depth.EVALUATION, trunk_info, result)
+  path = outputs.write_results(FLAGS.output_dir, depth.EVALUATION, trunk_info, result)
   for aggregation in depth.AGGREGATIONS:
     print(f"{aggregation:>14s}: " + " ".join(f"{k}={result[aggregation][k]:.4f}"
                                              for k in metrics.DEPTH_METRIC_NAMES))

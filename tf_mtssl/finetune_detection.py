@@ -27,11 +27,12 @@ from tf_mtssl import cli as flag_utils
 from tf_mtssl.evaluation.detection import data as data_lib
 from tf_mtssl.evaluation.detection import model as model_lib
 from tf_mtssl.evaluation.detection import train as train_lib
-from tf_mtssl.evaluation import common
+from tf_mtssl.evaluation import outputs
+from tf_mtssl.runs import trunk_source
 
 FLAGS = flags.FLAGS
 
-flags.DEFINE_enum("init", "pretrained", list(common.INIT_MODES),
+flags.DEFINE_enum("init", "pretrained", list(trunk_source.INIT_MODES),
                   "pretrained: trunk from --model_dir or --trunk_keras; random: a fresh trunk, the "
                   "Random Init baseline (paper_spec 7.4), of --model_dir's architecture if given, else "
                   "of --depth/--base_width/--output_stride.")
@@ -101,11 +102,11 @@ def main(argv):
   logging.getLogger().setLevel(logging.INFO)
   finetune_config = _dataclass_from_flags(train_lib.FinetuneConfig)
   keras.utils.set_random_seed(finetune_config.seed)
-  trunk, trunk_info = common.load_trunk(
+  trunk, trunk_info = trunk_source.load_trunk(
       FLAGS.init, model_dir=FLAGS.model_dir, checkpoint=FLAGS.checkpoint, trunk_keras=FLAGS.trunk_keras,
       trunk_config=flag_utils.trunk_config_from_flags(), seed=finetune_config.seed)
   input_config = _dataclass_from_flags(data_lib.InputConfig,
-                                       preprocessing=common.input_convention(trunk_info))
+                                       preprocessing=trunk_source.input_convention(trunk_info))
   # The pretraining half of --lasso concerns a pretrained trunk only.
   lasso = train_lib.make_lasso(FLAGS.lasso, trunk, FLAGS.lasso_l1,
                                FLAGS.model_dir if FLAGS.init == "pretrained" else "")
@@ -121,7 +122,7 @@ def main(argv):
   # a person reads; every value is in the results file.
   print(flag_utils.format_lines(
       f"Detection fine-tuning (paper_spec 7.2); every setting is recorded in {train_lib.RESULTS_FILE}", [
-          ("trunk", common.describe_source(trunk_info)),
+          ("trunk", trunk_source.describe_source(trunk_info)),
           ("data", f"{FLAGS.data}: train split {train_split!r}, test split {FLAGS.test_split!r}, "
                    f"{len(class_names)} classes; lasso {FLAGS.lasso}"),
           ("input", flag_utils.describe_config(input_config, always=(
@@ -142,8 +143,8 @@ def main(argv):
     print(f"  AP {name:>16s}: {'n/a' if ap is None else f'{ap:.4f}'}")
   if results["train_images_per_sec"]:
     print(f"Training speed: {results['train_images_per_sec']:.2f} images/s")
-  print(f"Trunk:       {common.describe_source(trunk_info)}")
-  print(f"Results:     {os.path.abspath(os.path.join(FLAGS.output_dir, common.RESULTS_FILE))}")
+  print(f"Trunk:       {trunk_source.describe_source(trunk_info)}")
+  print(f"Results:     {os.path.abspath(os.path.join(FLAGS.output_dir, outputs.RESULTS_FILE))}")
   print(f"TensorBoard: tensorboard --logdir {os.path.abspath(FLAGS.output_dir)}")
 
 

@@ -24,6 +24,7 @@ import time
 from absl import app, flags
 
 from tf_mtssl import cli as flag_utils
+from tf_mtssl.core import files
 from tf_mtssl.studies import grid as study_grid
 from tf_mtssl.studies import report as study_report
 from tf_mtssl.pretraining import trainer as train
@@ -164,7 +165,7 @@ def write_results(study, records, output_dir: str, command: str, started: float,
   changes = None
   if plots:  # restores every checkpoint once: only for the final report
     changes = {(r["config"], r["seed"], r["step"]): study_grid.weight_change(study, work_dir, r) for r in records}
-  study_report.write_text(os.path.join(output_dir, "results.md"),
+  files.write_text(os.path.join(output_dir, "results.md"),
                           study_report.markdown(records, order, labels, header, setup, changes))
   study_report.write_csv(os.path.join(output_dir, "results.csv"), records, header.replace("\n\n", "\n"))
   study_report.write_json(os.path.join(output_dir, "results.json"), records, {

@@ -35,7 +35,7 @@ import numpy as np
 import tensorflow as tf
 
 from tf_mtssl.data import embedded, probe_sets, sources
-from tf_mtssl.tasks.base import NUM_CORRUPT_KEY
+from tf_mtssl.data.sources import NUM_CORRUPT_KEY
 
 _AUTOTUNE = tf.data.AUTOTUNE
 KINDS = ("embedded", "probe_set", "tfds", "folder", "tfrecord")

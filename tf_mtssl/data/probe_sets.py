@@ -49,6 +49,7 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
+from tf_mtssl.core import files
 from tf_mtssl.data import embedded
 
 PROBE_SETS = ("fashion_mnist", "objects")
@@ -183,8 +184,8 @@ def prepare_fashion_mnist_step(root: pathlib.Path, cache_dir: Optional[pathlib.P
     arrays[f"{split}_images"] = raw["train_images"][rows[split]]
     arrays[f"{split}_labels"] = raw["train_labels"][rows[split]].astype(np.int64)
     arrays[f"{split}_source_index"] = rows[split]
-  npz = prep.save_npz_atomic(probes_dir(root) / "fashion_mnist.npz", arrays)
-  pretrain = prep.save_npy_atomic(fashion_pretrain_path(root), raw["train_images"][rows["pretrain"]])
+  npz = files.save_arrays(probes_dir(root) / "fashion_mnist.npz", arrays)
+  pretrain = files.save_array(fashion_pretrain_path(root), raw["train_images"][rows["pretrain"]])
   source = f"/{FASHION_DIR}/" + "{" + ",".join(FASHION_FILES.values()) + "}"
   counts = ", ".join(f"{k} {len(v)}" for k, v in rows.items())
   return [
@@ -313,7 +314,7 @@ def prepare_objects_step(root: pathlib.Path, cache_dir: Optional[pathlib.Path] =
       arrays[f"{split}_labels"] = np.array(labels, np.int64)
       arrays[f"{split}_groups"] = np.array(groups, np.int64)
     for photo in photos:
-      dst = prep.copy_atomic(stamps / photo["path"], probes_dir(root) / "stamps" / photo["path"])
+      dst = prep.copy_or_gunzip(stamps / photo["path"], probes_dir(root) / "stamps" / photo["path"])
       records.append(prep.FileRecord(dst, f"{STAMPS_PACKAGE} (Debian)", version,
                                      f"/{STAMPS_DIR}/{photo['path']}", STAMPS_LICENCE,
                                      f"object photo, {photo['split']} split; flat fraction "
@@ -322,8 +323,8 @@ def prepare_objects_step(root: pathlib.Path, cache_dir: Optional[pathlib.Path] =
            "backgrounds": {s: [p.name for p in backgrounds[s]] for s in SPLITS},
            "composites_per_photo": OBJECT_COMPOSITES, "size": OBJECT_SIZE, "seed": OBJECT_SEED,
            "rule": f"flat_fraction < {MAX_FLAT_FRACTION}, some transparency, not {list(EXCLUDED_STAMPS)}"}
-  npz = prep.save_npz_atomic(probes_dir(root) / "objects.npz", arrays)
-  meta = prep.write_bytes_atomic(probes_dir(root) / "objects.json", (json.dumps(index, indent=1) + "\n").encode())
+  npz = files.save_arrays(probes_dir(root) / "objects.npz", arrays)
+  meta = files.write_json(probes_dir(root) / "objects.json", index, indent=1)
   counts = {s: int(sum(p["split"] == s for p in photos)) for s in SPLITS}
   derived = "derived: the stamps' licence (GPL-2) and the backgrounds' (GPL-2+) apply"
   records.append(prep.FileRecord(npz, "tf_mtssl.data.probe_sets", version,

@@ -27,7 +27,10 @@ from typing import List, Optional
 import tensorflow as tf
 
 from tf_mtssl.data import embedded
-from tf_mtssl.tasks.base import NUM_CORRUPT_KEY
+
+# Every source element and batch carries this key: how many unreadable images the source skipped so far.
+# Tasks pass it through their maps; the trainer logs it (`<task>/num_corrupt`).
+NUM_CORRUPT_KEY = "num_corrupt"
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
 PHOTOS_SPEC = "photos"

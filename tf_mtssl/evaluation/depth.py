@@ -44,6 +44,7 @@ import numpy as np
 import tensorflow as tf
 from keras import layers
 
+from tf_mtssl.core import schedules
 from tf_mtssl.model import lasso as lasso_lib
 from tf_mtssl.evaluation import metrics
 from tf_mtssl.model import preprocessing
@@ -207,7 +208,7 @@ class DepthConfig:
 
 
 def make_optimizer(config: DepthConfig) -> keras.optimizers.Optimizer:
-  lr = common.lr_schedule(config.learning_rate, config.lr_boundaries, config.lr_decay)
+  lr = schedules.WarmupPiecewise(config.learning_rate, boundaries=config.lr_boundaries, decay=config.lr_decay)
   kwargs = dict(weight_decay=config.weight_decay or None, global_clipnorm=config.clipnorm or None)
   if config.optimizer == "sgd":
     optimizer = keras.optimizers.SGD(lr, momentum=config.momentum, name="depth_sgd", **kwargs)
@@ -227,7 +228,7 @@ class DepthTrainer:
 
   def __init__(self, network: DepthNetwork, config: DepthConfig):
     self.network, self.config = network, config
-    common.warn_unreached_boundaries(config.lr_boundaries, config.train_steps)
+    schedules.warn_unreached_boundaries(config.lr_boundaries, config.train_steps)
     self.optimizer = make_optimizer(config)
     self.skipped_train_batches = 0
 

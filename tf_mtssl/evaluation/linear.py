@@ -37,6 +37,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from tf_mtssl.core import schedules
 from tf_mtssl.model import lasso as lasso_lib
 from tf_mtssl.evaluation import metrics
 from tf_mtssl.model import preprocessing
@@ -45,7 +46,7 @@ from tf_mtssl.data import sources
 from tf_mtssl.data import classification as classification_set
 from tf_mtssl.evaluation import common
 from tf_mtssl.serving.export import pool_to_grid
-from tf_mtssl.tasks.base import NUM_CORRUPT_KEY
+from tf_mtssl.data.sources import NUM_CORRUPT_KEY
 
 _AUTOTUNE = tf.data.AUTOTUNE
 EVALUATION = "linear"
@@ -245,12 +246,12 @@ class ProbeTrainer:
     """Raises ValueError if block 3 of `config.image_size` crops is smaller than the grid."""
     self.trunk, self.config = trunk, config
     check_grid_fits(trunk, config.image_size, config.grid)
-    common.warn_unreached_boundaries(config.lr_boundaries, config.train_steps)
+    schedules.warn_unreached_boundaries(config.lr_boundaries, config.train_steps)
     self.probe = LinearProbe(num_classes, common.num_units(trunk), common.feature_channels(trunk),
                              grid=config.grid, feature_norm=config.feature_norm,
                              lasso_l1=config.lasso_l1, weight_decay=config.weight_decay, seed=config.seed)
     self.optimizer = keras.optimizers.SGD(
-        common.lr_schedule(config.learning_rate, config.lr_boundaries, config.lr_decay),
+        schedules.WarmupPiecewise(config.learning_rate, boundaries=config.lr_boundaries, decay=config.lr_decay),
         momentum=config.momentum, name="probe_sgd")
     self.top5_k = min(5, num_classes)
 

@@ -71,6 +71,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from tf_mtssl.core import schedules
 from tf_mtssl.runs import checkpoints
 from tf_mtssl.pretraining import distribution as distribute
 from tf_mtssl.model import preprocessing
@@ -79,7 +80,8 @@ from tf_mtssl.runs import lock as run_lock
 from tf_mtssl.pretraining import optimizer as optimizer_lib
 from tf_mtssl.data import sources
 from tf_mtssl.pretraining.multitask_model import MultiTaskModel
-from tf_mtssl.tasks.base import NUM_CORRUPT_KEY, Task
+from tf_mtssl.data.sources import NUM_CORRUPT_KEY
+from tf_mtssl.tasks.base import Task
 
 log = logging.getLogger(__name__)
 
@@ -184,22 +186,6 @@ class TrainConfig:
     return self.task_batch_sizes.get(task, self.batch_size)
 
 
-class WarmupSchedule(keras.optimizers.schedules.LearningRateSchedule):
-  """Linear warm-up to `peak`, then constant (the paper's schedule was not recovered, paper_spec 4)."""
-
-  def __init__(self, peak: float, warmup_steps: int):
-    self.peak, self.warmup_steps = float(peak), int(warmup_steps)
-
-  def __call__(self, step):
-    step = tf.cast(step, tf.float32)
-    if self.warmup_steps <= 0:
-      return tf.constant(self.peak)
-    return self.peak * tf.minimum(1.0, (step + 1.0) / float(self.warmup_steps))
-
-  def get_config(self):
-    return {"peak": self.peak, "warmup_steps": self.warmup_steps}
-
-
 @contextlib.contextmanager
 def _dtype_policy(policy: str):
   """Builds layers under `policy`, then restores the previous global policy (layers keep theirs)."""
@@ -233,7 +219,7 @@ def make_optimizer(config: TrainConfig, model: MultiTaskModel) -> optimizer_lib.
   """One RMSProp state per task over the shared trunk and the task's own head (and lasso row)."""
   return optimizer_lib.PerTaskRMSProp(
       model.trunk.trainable_variables, {n: model.own_variables(n) for n in model.task_names},
-      learning_rate=WarmupSchedule(config.learning_rate, config.warmup_steps), rho=config.rmsprop_rho,
+      learning_rate=schedules.WarmupPiecewise(config.learning_rate, config.warmup_steps), rho=config.rmsprop_rho,
       momentum=config.rmsprop_momentum, epsilon=config.rmsprop_epsilon, weight_decay=config.weight_decay,
       combine=config.trunk_update, loss_scale="dynamic" if config.mixed_precision == "float16" else None)
 

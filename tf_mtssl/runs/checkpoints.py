@@ -26,6 +26,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from tf_mtssl.core import files
 from tf_mtssl.model import preprocessing
 from tf_mtssl.model import trunk as trunk_lib
 
@@ -52,11 +53,7 @@ def load_run_config(model_dir: str) -> dict:
 
 def save_run_config(model_dir: str, config: dict) -> None:
   """Writes atomically (temp file + rename), so a crash never leaves a truncated config."""
-  os.makedirs(model_dir, exist_ok=True)
-  tmp = run_config_path(model_dir) + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(config, f, indent=2, sort_keys=True)
-  os.replace(tmp, run_config_path(model_dir))
+  files.write_json(run_config_path(model_dir), config)
 
 
 def check_compatible(model_dir: str, config: dict) -> None:

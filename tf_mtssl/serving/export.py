@@ -42,8 +42,9 @@ from typing import Dict, List, Optional, Tuple
 import keras
 import tensorflow as tf
 
-from tf_mtssl.runs import checkpoints
-from tf_mtssl.model import preprocessing
+from tf_mtssl.model import pooling, preprocessing
+from tf_mtssl.runs import checkpoints, exports, trunk_source
+from tf_mtssl.runs.exports import EXTRA_DIR, INPUT_CONVENTION_KEY, KERAS_FILE, METADATA_FILE
 
 SERVING_DEFAULT = "serving_default"
 IMAGE_TENSOR = "image_tensor"
@@ -51,71 +52,10 @@ SIGNATURES = (SERVING_DEFAULT, IMAGE_TENSOR)
 BYTES_INPUT = "image_bytes"
 TENSOR_INPUT = "images"
 FEATURES, BLOCK3, GRID = "features", "block3", "grid"
-EXTRA_DIR = "assets.extra"
-KERAS_FILE = "trunk.keras"
-METADATA_FILE = "export_metadata.json"
 DEFAULT_IMAGE_SIZE = 224   # paper_spec 7.1 [I]: 224 x 224 centre crops
-LINEAR_EVAL_GRID = 3       # paper_spec 7.1: a 3x3xC representation
-INPUT_CONVENTION_KEY = "input_convention"   # in export_metadata.json
 RESIZE_POLICY = ("centre square crop (side = the shorter side, aspect ratio kept), then bilinear "
                  "antialiased resize to image_size x image_size")
 _TMP_PREFIX = ".tmp-export-"
-
-
-# ---- pooling (shared with the linear evaluation) ---------------------------------------------------
-def _bin_edges(size, grid: int, index: int):
-  """[floor(i * size / g), ceil((i + 1) * size / g)): adaptive pooling bins (as torch's
-  AdaptiveAvgPool2d); never empty, and they overlap by one row when size is not a multiple of g."""
-  return (index * size) // grid, -((-(index + 1) * size) // grid)
-
-
-def pool_to_grid(features: tf.Tensor, grid: int = LINEAR_EVAL_GRID) -> tf.Tensor:
-  """Adaptive average pooling of [B, h, w, C] features to [B, grid, grid, C].
-
-  paper_spec 7.1: the linear evaluation reads block 3 reduced to 3x3xC (9,216 values at C = 1024);
-  how the paper reduced it is not recovered, adaptive average pooling is the inferred choice [I].
-  At 224 px (14x14 block 3) the bins are rows/columns [0, 5), [4, 10), [9, 14). Works for static or
-  dynamic h, w (any h, w >= 1) in eager and graph mode; inside a Keras functional model use
-  `GridAveragePooling`.
-  """
-  if int(grid) != grid or grid < 1:
-    raise ValueError(f"grid must be a positive integer, got {grid!r}")
-  features = tf.convert_to_tensor(features)
-  if features.shape.rank is not None and features.shape.rank != 4:
-    raise ValueError(f"pool_to_grid expects [batch, h, w, channels] features, got shape {features.shape}")
-  # Static sizes give Python-int slices (a simpler graph); unknown ones fall back to tf.shape.
-  dynamic = tf.shape(features)
-  h = features.shape[1] if features.shape[1] is not None else dynamic[1]
-  w = features.shape[2] if features.shape[2] is not None else dynamic[2]
-  rows = []
-  for i in range(grid):
-    h0, h1 = _bin_edges(h, grid, i)
-    cells = []
-    for j in range(grid):
-      w0, w1 = _bin_edges(w, grid, j)
-      cells.append(tf.reduce_mean(features[:, h0:h1, w0:w1, :], axis=[1, 2]))
-    rows.append(tf.stack(cells, axis=1))
-  return tf.stack(rows, axis=1)
-
-
-@keras.saving.register_keras_serializable(package="tf_mtssl")
-class GridAveragePooling(keras.layers.Layer):
-  """`pool_to_grid` as a Keras layer: [B, h, w, C] -> [B, grid, grid, C]."""
-
-  def __init__(self, grid: int = LINEAR_EVAL_GRID, **kwargs):
-    super().__init__(**kwargs)
-    if int(grid) != grid or grid < 1:
-      raise ValueError(f"grid must be a positive integer, got {grid!r}")
-    self.grid = int(grid)
-
-  def call(self, features):
-    return pool_to_grid(features, self.grid)
-
-  def compute_output_shape(self, input_shape):
-    return (input_shape[0], self.grid, self.grid, input_shape[-1])
-
-  def get_config(self):
-    return {**super().get_config(), "grid": self.grid}
 
 
 # ---- in-graph input handling ----------------------------------------------------------------------
@@ -145,14 +85,14 @@ def unit_output_name(index: int, num_units: int) -> str:
   return f"unit_{index:0{max(2, len(str(num_units)))}d}"
 
 
-def trunk_outputs(trunk: keras.Model, images: tf.Tensor, grid: int = LINEAR_EVAL_GRID,
+def trunk_outputs(trunk: keras.Model, images: tf.Tensor, grid: int = pooling.LINEAR_EVAL_GRID,
                   with_units: bool = False,
                   convention: str = preprocessing.DEFAULT_CONVENTION) -> Dict[str, tf.Tensor]:
   """The exported outputs for float RGB images in [0, 255] (inference mode), normalised by the
   trunk's input `convention`."""
   out = trunk(preprocessing.rgb_to_trunk_input(images, convention), training=False)
   block3 = out["block3"]
-  result = {FEATURES: tf.reduce_mean(block3, axis=[1, 2]), BLOCK3: block3, GRID: pool_to_grid(block3, grid)}
+  result = {FEATURES: tf.reduce_mean(block3, axis=[1, 2]), BLOCK3: block3, GRID: pooling.pool_to_grid(block3, grid)}
   if with_units:
     units = out["units"]
     result.update({unit_output_name(i, len(units)): u for i, u in enumerate(units, start=1)})
@@ -163,7 +103,7 @@ class TrunkExportModule(tf.Module):
   """What the SavedModel holds: the trunk and the two serving functions."""
 
   def __init__(self, trunk: keras.Model, image_size: int = DEFAULT_IMAGE_SIZE,
-               export_units: bool = False, grid: int = LINEAR_EVAL_GRID,
+               export_units: bool = False, grid: int = pooling.LINEAR_EVAL_GRID,
                convention: str = preprocessing.DEFAULT_CONVENTION):
     super().__init__(name="tf_mtssl_trunk_export")
     if image_size < 16:
@@ -190,29 +130,7 @@ class TrunkExportModule(tf.Module):
             IMAGE_TENSOR: self.image_tensor.get_concrete_function()}
 
 
-# ---- versions -------------------------------------------------------------------------------------
-def list_versions(export_dir: str) -> List[int]:
-  """Integer version directories under export_dir (TF Serving's convention), ascending."""
-  if not os.path.isdir(export_dir):
-    return []
-  return sorted(int(n) for n in os.listdir(export_dir)
-                if re.fullmatch(r"\d+", n) and os.path.isdir(os.path.join(export_dir, n)))
-
-
-def latest_version(export_dir: str) -> Tuple[int, str]:
-  """(version, path) of the newest version under export_dir."""
-  versions = list_versions(export_dir)
-  if not versions:
-    raise FileNotFoundError(f"No exported version under {export_dir}: expected integer directories "
-                            "(run python -m tf_mtssl.export_saved_model first)")
-  return versions[-1], os.path.join(export_dir, str(versions[-1]))
-
-
-def _step_of(checkpoint_path: str) -> Optional[int]:
-  match = re.search(r"ckpt-(\d+)$", checkpoint_path)
-  return int(match.group(1)) if match else None
-
-
+# ---- writing ---------------------------------------------------------------------------------------
 def _signature_summary(module: TrunkExportModule) -> dict:
   out = {}
   for name, fn in module.signatures().items():
@@ -250,7 +168,7 @@ def export_trunk(trunk: keras.Model, export_dir: str, image_size: int = DEFAULT_
         "image_size": int(image_size), "resize": RESIZE_POLICY,
         INPUT_CONVENTION_KEY: convention,
         "preprocessing": f"{preprocessing.INPUT_CONVENTIONS[convention]}, inside the graph",
-        "feature_channels": int(block3_channels), "grid": LINEAR_EVAL_GRID,
+        "feature_channels": int(block3_channels), "grid": pooling.LINEAR_EVAL_GRID,
         "num_units": len(trunk.output["units"]), "export_units": bool(export_units),
         "signatures": _signature_summary(module),
         "keras_file": f"{EXTRA_DIR}/{KERAS_FILE}",
@@ -258,7 +176,7 @@ def export_trunk(trunk: keras.Model, export_dir: str, image_size: int = DEFAULT_
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
     for _ in range(max_attempts):
-      versions = list_versions(export_dir)
+      versions = exports.list_versions(export_dir)
       version = (versions[-1] + 1) if versions else 1
       info["version"] = version
       with open(os.path.join(extra, METADATA_FILE), "w") as f:
@@ -280,55 +198,20 @@ def export_run(model_dir: str, export_dir: str, checkpoint: Optional[str] = None
                image_size: int = DEFAULT_IMAGE_SIZE, export_units: bool = False) -> Tuple[int, str]:
   """Exports the trunk of a pretraining run (latest or named checkpoint); returns (version, dir).
 
-  The trunk is rebuilt from the run's run_config.json, so no architecture flags are repeated.
+  The trunk comes from the one trunk source of the project (`tf_mtssl.runs.trunk_source.load_trunk`):
+  rebuilt from the run's run_config.json, so no architecture flags are repeated; the named checkpoint,
+  else the newest readable one (damaged newer ones are named and skipped).
   """
   if not os.path.isdir(model_dir):
     raise FileNotFoundError(f"Pretraining run directory {model_dir} does not exist")
+  source = trunk_source.load_trunk("pretrained", model_dir=model_dir, checkpoint=checkpoint or "")
+  provenance = source.provenance
   config = checkpoints.load_run_config(model_dir)
-  # The named checkpoint, else the newest readable one (damaged newer ones are named and skipped).
-  trunk, path = checkpoints.trunk_from_run(model_dir, checkpoint)
-  metadata = {"model_dir": os.path.abspath(model_dir), "checkpoint": os.path.abspath(path),
-              "step": _step_of(path), "trunk": config["trunk"], "run_config": config}
-  lasso = checkpoints.restore_lasso(model_dir, path)
+  metadata = {"model_dir": provenance["model_dir"], "checkpoint": provenance["checkpoint"],
+              "step": provenance["step"], "trunk": config["trunk"], "run_config": config,
+              "weights_sha256": provenance["weights_sha256"]}
+  lasso = checkpoints.restore_lasso(model_dir, provenance["checkpoint"])
   if lasso is not None:  # which block-3 units each pretraining task drew on (paper_spec 5)
     metadata["lasso_alphas"] = {row: lasso.alpha(row).numpy().tolist() for row in lasso.rows}
-  return export_trunk(trunk, export_dir, image_size=image_size, export_units=export_units,
-                      metadata=metadata, convention=checkpoints.input_convention(config))
-
-
-# ---- reading an export ----------------------------------------------------------------------------
-def version_dir(path: str) -> str:
-  """A version directory, or the newest version of an export directory."""
-  if os.path.isfile(os.path.join(path, "saved_model.pb")):
-    return path
-  return latest_version(path)[1]
-
-
-def read_metadata(path: str) -> dict:
-  """export_metadata.json of a version directory (or of the newest version of an export dir)."""
-  file = os.path.join(version_dir(path), EXTRA_DIR, METADATA_FILE)
-  if not os.path.isfile(file):
-    raise FileNotFoundError(f"{file} is missing: not a tf_mtssl export")
-  with open(file) as f:
-    return json.load(f)
-
-
-def input_convention(path: str) -> str:
-  """The input convention of an export (version or export directory) that `trunk.keras` expects.
-
-  Exports written before it was recorded applied VGG normalisation in their graph (paper_spec 2.2).
-  """
-  metadata = read_metadata(path)
-  return preprocessing.check_convention(metadata.get(INPUT_CONVENTION_KEY, preprocessing.DEFAULT_CONVENTION))
-
-
-def load_keras_trunk(path: str) -> keras.Model:
-  """The trunk as a full Keras model (trainable, batch norm with training semantics) for fine-tuning.
-
-  `path`: a version directory or an export directory (its newest version).
-  """
-  from tf_mtssl.model import lasso  # noqa: F401  (registers the project's custom layers)
-  file = os.path.join(version_dir(path), EXTRA_DIR, KERAS_FILE)
-  if not os.path.isfile(file):
-    raise FileNotFoundError(f"{file} is missing: not a tf_mtssl export")
-  return keras.models.load_model(file, compile=False)
+  return export_trunk(source.trunk, export_dir, image_size=image_size, export_units=export_units,
+                      metadata=metadata, convention=trunk_source.input_convention(provenance))

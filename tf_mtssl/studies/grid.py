@@ -37,7 +37,9 @@ from tf_mtssl.model import trunk as trunk_lib
 from tf_mtssl.data import sources
 from tf_mtssl.data import classification as classification_set
 from tf_mtssl.data import depth as depth_sources
-from tf_mtssl.evaluation import common, depth, linear, probes
+from tf_mtssl.evaluation import depth, linear, probes
+from tf_mtssl.runs import trunk_source
+from tf_mtssl.core import files
 
 log = logging.getLogger(__name__)
 
@@ -282,7 +284,7 @@ def run_study(study: StudyConfig, work_dir: str, on_record: Optional[Callable[[L
         keras.utils.clear_session()
         extra = {}
         if step == 0:
-          trunk_fn = lambda seed=seed: common.load_trunk("random", trunk_config=study.trunk, seed=seed)[0]  # noqa: E731
+          trunk_fn = lambda seed=seed: trunk_source.load_trunk("random", trunk_config=study.trunk, seed=seed)[0]  # noqa: E731
         else:
           if not (run_dir / f"ckpt-{step}.index").exists():
             log.info("[%s seed %d] pretraining to step %d in %s", name, seed, study.train_steps, run_dir)
@@ -299,7 +301,7 @@ def run_study(study: StudyConfig, work_dir: str, on_record: Optional[Callable[[L
             extra["lasso_alpha"] = {"tasks": list(lasso.rows), "alpha": lasso.alphas().numpy().tolist()}
         evaluation = evaluate_trunk(study, trunk_fn, seed)
         rec = _record(study, name, seed, step, run_key, key, evaluation, commit, time.time() - start, extra)
-        common.write_json(str(path), rec)
+        files.write_json(str(path), rec)
         records.append(rec)
         log.info("[%s seed %d step %d] linear %.4f knn %.4f%s (%.0f s)", name, seed, step,
                  rec.get("linear_top1", float("nan")), rec.get("knn_top1", float("nan")),
@@ -328,7 +330,7 @@ def training_curves(work_dir: str, records: List[Dict]) -> Dict[str, Dict[str, L
 def weight_change(study: StudyConfig, work_dir: str, record: Dict) -> Optional[float]:
   """||W - W0|| / ||W0|| over the trunk's conv kernels of a pretrained record's checkpoint, W0 the
   random initialisation of its seed (the Trainer seeds Keras and builds the trunk first, as
-  `common.load_trunk("random", seed=...)` does, so W0 is rebuilt exactly). None for random init or a
+  `trunk_source.load_trunk("random", seed=...)` does, so W0 is rebuilt exactly). None for random init or a
   missing run."""
   if record["step"] == 0:
     return None
@@ -336,7 +338,7 @@ def weight_change(study: StudyConfig, work_dir: str, record: Dict) -> Optional[f
   if not (run_dir / f"ckpt-{record['step']}.index").exists():
     return None
   trained = checkpoints.restore_trunk(str(run_dir), str(run_dir / f"ckpt-{record['step']}"))
-  init, _ = common.load_trunk("random", trunk_config=study.trunk, seed=record["seed"])
+  init, _ = trunk_source.load_trunk("random", trunk_config=study.trunk, seed=record["seed"])
   num, den = 0.0, 0.0
   for a, b in zip(trained.weights, init.weights):
     if "kernel" in a.path:

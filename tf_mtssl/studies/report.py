@@ -20,6 +20,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from tf_mtssl.core import files
+
 METRICS = (("linear_top1", "linear_se", "linear top-1"), ("knn_top1", "knn_se", "kNN top-1"),
            ("depth_delta1", None, "depth δ<1.25"))
 CSV_FIELDS = ("study", "config", "label", "seed", "step", "linear_top1", "linear_se", "linear_val_top1",
@@ -196,20 +198,13 @@ def write_csv(path: str, records: List[Dict], header: str) -> None:
   writer.writeheader()
   for r in sorted(records, key=lambda r: (r["config"], r["seed"], r["step"])):
     writer.writerow(r)
-  write_text(path, buf.getvalue())
-
-
-def write_text(path: str, text: str) -> None:
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    f.write(text)
-  os.replace(tmp, path)
+  files.write_text(path, buf.getvalue())
 
 
 def write_json(path: str, records: List[Dict], meta: Dict) -> None:
   body = {**meta, "records": [{k: v for k, v in r.items() if k != "detail"} for r in records],
           "details": {f"{r['config']}-s{r['seed']}-step{r['step']}": r.get("detail") for r in records}}
-  write_text(path, json.dumps(body, indent=1, sort_keys=True, default=float) + "\n")
+  files.write_json(path, body, indent=1)
 
 
 # ---- plots --------------------------------------------------------------------------------------------

@@ -18,9 +18,8 @@ import tensorflow as tf
 
 Batch = Dict[str, tf.Tensor]
 
-# Every source element and batch carries this key: how many unreadable images the source skipped so
-# far (see `tf_mtssl.data.sources`). The trainer logs it; tasks must pass it through their maps.
-NUM_CORRUPT_KEY = "num_corrupt"
+# Every source element and batch carries `tf_mtssl.data.sources.NUM_CORRUPT_KEY` (how many unreadable
+# images the source skipped so far); tasks pass it through their maps and the trainer logs it.
 
 
 @dataclasses.dataclass(frozen=True)

@@ -26,7 +26,8 @@ from keras import layers
 from tf_mtssl.data import motion_masks
 from tf_mtssl.model import preprocessing
 from tf_mtssl.data import embedded, sources
-from tf_mtssl.tasks.base import NUM_CORRUPT_KEY, Task
+from tf_mtssl.data.sources import NUM_CORRUPT_KEY
+from tf_mtssl.tasks.base import Task
 
 
 @dataclasses.dataclass(frozen=True)

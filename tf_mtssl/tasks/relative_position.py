@@ -32,7 +32,8 @@ import tensorflow as tf
 from keras import layers
 
 from tf_mtssl.data import sources
-from tf_mtssl.tasks.base import NUM_CORRUPT_KEY, Task
+from tf_mtssl.data.sources import NUM_CORRUPT_KEY
+from tf_mtssl.tasks.base import Task
 
 GRID = 3
 NUM_PATCHES = GRID * GRID

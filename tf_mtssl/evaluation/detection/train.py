@@ -19,16 +19,18 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from tf_mtssl.core import schedules
 from tf_mtssl.runs import checkpoints
 from tf_mtssl.evaluation import metrics
 from tf_mtssl.model import preprocessing
 from tf_mtssl.core import progress as progress_lib
 from tf_mtssl.evaluation.detection.model import LASSO_ROW, FasterRCNN
-from tf_mtssl.evaluation import common
+from tf_mtssl.evaluation import outputs
+from tf_mtssl.runs import trunk_source
 
 log = logging.getLogger(__name__)
 
-RESULTS_FILE = common.RESULTS_FILE
+RESULTS_FILE = outputs.RESULTS_FILE
 EVALUATION = "detection"
 
 
@@ -69,30 +71,10 @@ class FinetuneConfig:
       raise ValueError(f"lr_decay_steps must be increasing positive steps, got {list(self.lr_decay_steps)}")
 
 
-class StepSchedule(keras.optimizers.schedules.LearningRateSchedule):
-  """Linear warm-up from base / 3, then base * factor ** (number of decay steps passed)."""
-
-  def __init__(self, base: float, decay_steps: Sequence[int], factor: float, warmup_steps: int):
-    self.base, self.decay_steps = float(base), [int(s) for s in decay_steps]
-    self.factor, self.warmup_steps = float(factor), int(warmup_steps)
-
-  def __call__(self, step):
-    step = tf.cast(step, tf.float32)
-    passed = tf.add_n([tf.cast(step >= s, tf.float32) for s in self.decay_steps] + [tf.constant(0.0)])
-    lr = self.base * tf.pow(self.factor, passed)
-    if self.warmup_steps > 0:
-      ramp = tf.minimum(1.0, step / float(self.warmup_steps))
-      lr *= (1.0 + 2.0 * ramp) / 3.0
-    return lr
-
-  def get_config(self):
-    return {"base": self.base, "decay_steps": self.decay_steps, "factor": self.factor,
-            "warmup_steps": self.warmup_steps}
-
-
 def make_optimizer(config: FinetuneConfig) -> keras.optimizers.Optimizer:
-  schedule = StepSchedule(config.learning_rate, config.lr_decay_steps, config.lr_decay_factor,
-                          config.warmup_steps)
+  # [I] Detectron's warm-up: linear from lr / 3 over warmup_steps.
+  schedule = schedules.WarmupPiecewise(config.learning_rate, config.warmup_steps, config.lr_decay_steps,
+                                       config.lr_decay_factor, warmup_start=1.0 / 3.0)
   return keras.optimizers.SGD(learning_rate=schedule, momentum=config.momentum, name="sgd")
 
 
@@ -202,7 +184,7 @@ def finetune(detector: FasterRCNN, train_ds: tf.data.Dataset, eval_ds: Optional[
     output_dir: checkpoints, `train/` and `eval/` TensorBoard logs, `results.json`. Resumed only
       if it was made from the same trunk source (else ValueError, nothing changed).
     config: optimisation settings.
-    trunk_source: the provenance of the detector's trunk (`common.load_trunk`).
+    trunk_source: the provenance of the detector's trunk (`trunk_source.load_trunk`).
     run_info: more entries of the results file (data, splits, input settings).
     input_convention: the convention of the datasets' trunk-input images (`InputConfig.preprocessing`),
       for the TensorBoard images.
@@ -211,8 +193,8 @@ def finetune(detector: FasterRCNN, train_ds: tf.data.Dataset, eval_ds: Optional[
   """
   if len(class_names) != detector.config.num_classes:
     raise ValueError(f"{len(class_names)} class names for a detector of {detector.config.num_classes} classes")
-  common.warn_unreached_boundaries(config.lr_decay_steps, config.train_steps, flag="lr_decay_steps")
-  common.claim_output_dir(output_dir, EVALUATION, trunk_source)
+  schedules.warn_unreached_boundaries(config.lr_decay_steps, config.train_steps, flag="lr_decay_steps")
+  outputs.claim_output_dir(output_dir, EVALUATION, trunk_source)
   optimizer = make_optimizer(config)
   if detector.lasso is not None and not detector.lasso.built:
     detector.lasso.build(None)
@@ -299,7 +281,7 @@ def finetune(detector: FasterRCNN, train_ds: tf.data.Dataset, eval_ds: Optional[
       "detector_config": dataclasses.asdict(detector.config),
       **(run_info or {}),
   }
-  common.write_results(output_dir, EVALUATION, trunk_source, summary)
+  outputs.write_results(output_dir, EVALUATION, trunk_source, summary)
   train_writer.flush()
   eval_writer.flush()
   return summary

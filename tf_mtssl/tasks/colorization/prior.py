@@ -29,6 +29,7 @@ from typing import Dict, List, Optional, Tuple, Union
 import numpy as np
 import tensorflow as tf
 
+from tf_mtssl.core import files
 from tf_mtssl.model import color
 from tf_mtssl.data import embedded, sources
 from tf_mtssl.tasks.colorization import task as colorization
@@ -82,7 +83,7 @@ def validate_prior(prior: np.ndarray, name: str = "prior") -> np.ndarray:
 def save_prior(path: Union[str, os.PathLike], prior: np.ndarray) -> pathlib.Path:
   """Writes a validated prior atomically (temporary name, then rename)."""
   from tf_mtssl.data import prepare as prepare_embedded  # its atomic writer; imported here (a data-prep module)
-  return prepare_embedded.save_npy_atomic(pathlib.Path(path), validate_prior(prior, str(path)))
+  return files.save_array(path, validate_prior(prior, str(path)))
 
 
 def rebalance_weights(prior: np.ndarray, lam: float = 0.5) -> np.ndarray:

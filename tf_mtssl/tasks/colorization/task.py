@@ -52,7 +52,8 @@ from tf_mtssl.model import color
 from tf_mtssl.model import preprocessing
 from tf_mtssl.model import trunk as trunk_lib
 from tf_mtssl.data import sources
-from tf_mtssl.tasks.base import NUM_CORRUPT_KEY, Task
+from tf_mtssl.data.sources import NUM_CORRUPT_KEY
+from tf_mtssl.tasks.base import Task
 
 log = logging.getLogger(__name__)
 

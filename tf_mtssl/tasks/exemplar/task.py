@@ -25,7 +25,8 @@ from tf_mtssl.tasks.exemplar import augment
 from tf_mtssl.tasks.exemplar import triplet_loss as losses
 from tf_mtssl.model import preprocessing
 from tf_mtssl.data import sources
-from tf_mtssl.tasks.base import NUM_CORRUPT_KEY, Task
+from tf_mtssl.data.sources import NUM_CORRUPT_KEY
+from tf_mtssl.tasks.base import Task
 
 
 @dataclasses.dataclass(frozen=True)
