@@ -7,4 +7,4 @@ if [ ! -x .venv/bin/python ]; then
   "$PYTHON_BIN" -m venv .venv
 fi
 .venv/bin/python -m pip install -q --disable-pip-version-check -r requirements.txt
-.venv/bin/python -m tf_mtssl.data.prepare
+.venv/bin/python -m tf_mtssl.prepare_embedded

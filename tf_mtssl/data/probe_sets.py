@@ -133,7 +133,7 @@ def load_fashion_pretrain() -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Preparation steps (`tf_mtssl.data.prepare.STEPS`).
+# Preparation steps (`tf_mtssl.prepare_embedded.STEPS`).
 
 
 def read_idx(data: bytes) -> np.ndarray:

@@ -145,11 +145,7 @@ class DepthNetwork:
                lasso_l1: Optional[float] = None, convention: str = preprocessing.DEFAULT_CONVENTION):
     self.trunk = trunk
     self.convention = preprocessing.check_convention(convention)
-    self.lasso = None
-    if lasso_l1 is not None:
-      self.lasso = lasso_lib.LassoCombination(rows=[common.EVAL_LASSO_ROW], num_units=common.num_units(trunk),
-                                              l1=lasso_l1, name="eval_lasso")
-      self.lasso.build(None)
+    self.lasso = common.eval_lasso(common.num_units(trunk), lasso_l1)
     self.decoder = build_depth_decoder(common.feature_channels(trunk), num_upprojections, width)
 
   @property

@@ -4,7 +4,7 @@ Protocol:
   - The trunk is FROZEN: it runs in inference mode (batch norm with its moving averages), under
     `tf.stop_gradient`, and none of its variables is given to the optimizer, so its weights (batch-norm
     statistics included) stay bit-identical.
-  - Representation: block 3 adaptively average-pooled to grid x grid (3x3, `export_lib.pool_to_grid`;
+  - Representation: block 3 adaptively average-pooled to grid x grid (3x3, `tf_mtssl.model.pooling.pool_to_grid`;
     paper_spec 7.1: "a 3x3x1024 representation"), flattened (9,216 values at C = 1024).
   - Classifier: one dense layer to the classes, softmax cross-entropy, SGD with momentum and a
     piecewise-constant learning rate (paper_spec 7.1 [I]: lr 0.1, momentum 0.9, step decays).
@@ -45,7 +45,7 @@ from tf_mtssl.core import progress as progress_lib
 from tf_mtssl.data import sources
 from tf_mtssl.data import classification as classification_set
 from tf_mtssl.evaluation import common
-from tf_mtssl.serving.export import pool_to_grid
+from tf_mtssl.model.pooling import pool_to_grid
 from tf_mtssl.data.sources import NUM_CORRUPT_KEY
 
 _AUTOTUNE = tf.data.AUTOTUNE
@@ -106,11 +106,7 @@ class LinearProbe:
       raise ValueError(f"A classifier needs >= 2 classes, got {num_classes}")
     dim = grid * grid * channels
     self.num_classes, self.grid, self.weight_decay = num_classes, grid, weight_decay
-    self.lasso = None
-    if lasso_l1 is not None:
-      self.lasso = lasso_lib.LassoCombination(rows=[common.EVAL_LASSO_ROW], num_units=num_units,
-                                              l1=lasso_l1, name="eval_lasso")
-      self.lasso.build(None)
+    self.lasso = common.eval_lasso(num_units, lasso_l1)
     self.norm = None
     if feature_norm == "batchnorm":
       self.norm = keras.layers.BatchNormalization(center=False, scale=False, momentum=0.9, epsilon=1e-5,

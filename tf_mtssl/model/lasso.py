@@ -14,11 +14,52 @@ alternative, normalisation without scale at the head input, would make the outpu
 scale and let the L1 term push every alpha towards 0 uniformly, which selects nothing.
 """
 
-from typing import List, Sequence
+import dataclasses
+from typing import List, Optional, Sequence
 
 import keras
 import numpy as np
 import tensorflow as tf
+
+from tf_mtssl.core import configs
+
+
+# paper_spec 5 / table 4: where the lasso applies. none = No Lasso; pretrain = Pre-train Only Lasso;
+# eval = Eval Only Lasso; both = Lasso. Pretraining and every evaluation read the part that concerns them.
+LASSO_MODES = ("none", "pretrain", "eval", "both")
+STAGES = ("pretrain", "eval")
+
+
+@dataclasses.dataclass(frozen=True)
+class LassoConfig:
+  """--lasso and --lasso_l1, shared by pretraining and every evaluation (each applies its part)."""
+  mode: str = configs.field("none", "paper_spec 5 / table 4: none = No Lasso; pretrain = Pre-train Only; eval = "
+                            "Eval Only; both = Lasso. Each binary applies the part that concerns it.",
+                            choices=LASSO_MODES, flag="lasso")
+  l1: float = configs.field(1e-3, "L1 weight of the lasso alphas (paper_spec 5: value not recovered [I]).",
+                            flag="lasso_l1")
+
+  def __post_init__(self):
+    if self.l1 < 0:
+      raise ValueError(f"--lasso_l1 must be >= 0, got {self.l1}")
+
+  def l1_at(self, stage: str) -> Optional[float]:
+    """The L1 weight at `stage` ('pretrain' or 'eval'), or None where the lasso does not apply there."""
+    return l1_at(self.mode, stage, self.l1)
+
+
+def lasso_applies(mode: str, stage: str) -> bool:
+  """Whether lasso `mode` asks for the lasso at `stage` ('pretrain' or 'eval')."""
+  if mode not in LASSO_MODES:
+    raise ValueError(f"--lasso must be one of {LASSO_MODES}, got {mode!r}")
+  if stage not in STAGES:
+    raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
+  return mode == "both" or mode == stage
+
+
+def l1_at(mode: str, stage: str, l1: float) -> Optional[float]:
+  """The lasso's L1 weight at `stage` under `mode`, or None where the lasso does not apply there."""
+  return float(l1) if lasso_applies(mode, stage) else None
 
 
 @keras.saving.register_keras_serializable(package="tf_mtssl")

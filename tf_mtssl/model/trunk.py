@@ -18,10 +18,13 @@ The model returns a dict: `block3` (the block-3 end point, the representation al
 and `units`, the list of every block-3 unit output (the last one is `block3`).
 """
 
+import dataclasses
 from typing import Dict, Optional, Sequence, Tuple
 
 import keras
 from keras import layers
+
+from tf_mtssl.core import configs
 
 # Units per block (blocks 1-3) for the standard depths; depth counts block 4 too, as in the paper's
 # names (ResNet-101 = 3 * (3 + 4 + 23 + 3) + 2). 14 and 26 are small trunks for tests.
@@ -73,6 +76,23 @@ def bottleneck_unit(x, depth, depth_bottleneck, stride, rate, name):
   r = layers.ReLU(name=f"{name}_conv2_relu")(_bn(f"{name}_conv2_bn")(r))
   r = layers.Conv2D(depth, 1, use_bias=True, name=f"{name}_conv3")(r)
   return layers.Add(name=f"{name}_out")([shortcut, r])
+
+
+@dataclasses.dataclass(frozen=True)
+class TrunkConfig:
+  """The trunk's architecture (what a run records and every consumer rebuilds from)."""
+  depth: int = configs.field(101, "ResNet-v2 depth (units of blocks 1-3 as in the full net; paper_spec 2.1: 101).",
+                             choices=sorted(UNITS_PER_BLOCK))
+  output_stride: int = configs.field(16, "Output stride of block 3 (paper_spec 2.1: 16, by dilation).",
+                                     choices=VALID_OUTPUT_STRIDES)
+  base_width: int = configs.field(64, "Root/block-1 bottleneck width; 64 is the standard ResNet (block 3 has "
+                                  "16x as many channels). Smaller values make tiny test trunks.")
+
+  def __post_init__(self):
+    trunk_config(self.depth, self.output_stride, self.base_width)
+
+  def as_dict(self) -> dict:
+    return trunk_config(self.depth, self.output_stride, self.base_width)
 
 
 def trunk_config(depth: int = 101, output_stride: int = 16, base_width: int = 64) -> dict:

@@ -178,3 +178,21 @@ def is_multi_worker(strategy: tf.distribute.Strategy) -> bool:
   """Whether `strategy` spans several processes (a cluster from TF_CONFIG)."""
   resolver = getattr(strategy, "cluster_resolver", None)
   return bool(resolver is not None and resolver.cluster_spec().as_dict())
+
+
+def is_chief(strategy: tf.distribute.Strategy) -> bool:
+  resolver = getattr(strategy, "cluster_resolver", None)
+  if resolver is None or not resolver.cluster_spec().as_dict():
+    return True
+  task_type, task_id = resolver.task_type, resolver.task_id
+  if task_type in (None, "chief"):
+    return True
+  return task_type == "worker" and task_id == 0 and "chief" not in resolver.cluster_spec().as_dict()
+
+
+def worker_name(strategy) -> str:
+  """'worker_1', 'chief_0', ... under several workers, else 'local'."""
+  resolver = getattr(strategy, "cluster_resolver", None)
+  if resolver is None or resolver.task_type is None:
+    return "local"
+  return f"{resolver.task_type}_{resolver.task_id}"

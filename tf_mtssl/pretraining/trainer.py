@@ -31,9 +31,9 @@ exactly `train_steps`; under several workers, they first check that all of them 
 same step. The input pipeline is not checkpointed: it restarts at a new random position derived
 from (seed, restored step), so a resumed run sees a different but reproducible stream. SIGTERM or
 SIGINT stops the run after a checkpoint (`Trainer.preempted`; the binary exits with
-PREEMPTED_EXIT_CODE). If no step can finish because the input pipeline is starved, the process
+preemption.PREEMPTED_EXIT_CODE). If no step can finish because the input pipeline is starved, the process
 exits with that code anyway, without saving, `stop_grace_s` after the signal (at once during the
-input check, or on a second signal); see `_StopRequest`. Each process's signal flag enters
+input check, or on a second signal); see `preemption.StopRequest`. Each process's signal flag enters
 the next `run_steps` call and is summed over workers by one all-reduce inside it, so every worker
 learns of a signal to any of them after the same call, saves there and stops: none is left waiting
 in a collective.
@@ -61,14 +61,10 @@ import itertools
 import logging
 import os
 import shutil
-import signal
-import sys
-import threading
 import time
 from typing import Dict, List, Optional, Tuple
 
 import keras
-import numpy as np
 import tensorflow as tf
 
 from tf_mtssl.core import schedules
@@ -78,36 +74,17 @@ from tf_mtssl.model import preprocessing
 from tf_mtssl.core import progress
 from tf_mtssl.runs import lock as run_lock
 from tf_mtssl.pretraining import optimizer as optimizer_lib
+from tf_mtssl.pretraining import preemption
+from tf_mtssl.pretraining.config import MIXED_PRECISION_POLICIES, PretrainConfig, TrainConfig, resolve_jit_compile
 from tf_mtssl.data import sources
 from tf_mtssl.pretraining.multitask_model import MultiTaskModel
 from tf_mtssl.data.sources import NUM_CORRUPT_KEY
+from tf_mtssl import tasks as task_registry
+from tf_mtssl.model import lasso as lasso_lib
+from tf_mtssl.model import trunk as trunk_lib
 from tf_mtssl.tasks.base import Task
 
 log = logging.getLogger(__name__)
-
-# Exit code of a run stopped by SIGTERM/SIGINT after saving a checkpoint: "restart me". Non-zero so
-# that schedulers do not take the run as finished; 42 is the restart code TF's
-# PreemptionCheckpointHandler uses by default outside Google Cloud.
-PREEMPTED_EXIT_CODE = 42
-
-
-# --mixed_precision -> Keras dtype policy of the model's layers. Heads emit float32 logits and the
-# losses are computed in float32 (Task contract); float16 also gets dynamic loss scaling.
-MIXED_PRECISION_POLICIES = {"none": "float32", "bfloat16": "mixed_bfloat16", "float16": "mixed_float16"}
-
-# --jit_compile: XLA for each task's forward and backward pass (the optimizer's update, which talks to the
-# other replicas, stays outside). auto: on when a GPU is visible; off on CPUs, where XLA measured 15-40 %
-# slower (machine notes).
-JIT_COMPILE_MODES = ("auto", "on", "off")
-
-
-def resolve_jit_compile(mode: str) -> bool:
-  if mode not in JIT_COMPILE_MODES:
-    raise ValueError(f"jit_compile must be one of {JIT_COMPILE_MODES}, got {mode!r}")
-  if mode == "auto":
-    return bool(tf.config.list_logical_devices("GPU"))
-  return mode == "on"
-
 
 @dataclasses.dataclass
 class LoopResult:
@@ -126,66 +103,6 @@ class LoopResult:
   stop_votes: tf.Tensor
 
 
-@dataclasses.dataclass
-class TrainConfig:
-  """Optimisation and bookkeeping settings (defaults: paper_spec 4 [I] starting values)."""
-  train_steps: int = 1000
-  batch_size: int = 32                 # global batch per task (examples of that task's pipeline)
-  task_batch_sizes: Dict[str, int] = dataclasses.field(default_factory=dict)  # per-task overrides
-  learning_rate: float = 1e-4         # peak; normalised RMSProp steps are ~lr per element (optimizer.py)
-  warmup_steps: int = 500
-  rmsprop_rho: float = 0.9             # paper_spec 4 [I]
-  rmsprop_momentum: float = 0.9
-  rmsprop_epsilon: float = 1e-6        # outside the root, << |g|: normalises each task (optimizer.py)
-  weight_decay: float = 1e-4           # decoupled, kernels only, once per step whatever the task count
-  trunk_update: str = "sum"            # sum | mean of the per-task updates on the trunk (optimizer.py)
-  seed: int = 0
-  log_every: int = 10
-  checkpoint_every: int = 500
-  keep_checkpoints: int = 5
-  image_summary_every: int = 500
-  grad_cosine_every: int = 100         # 0 disables the task-gradient cosine diagnostics
-  progress_bar: bool = True
-  mixed_precision: str = "none"        # none | bfloat16 | float16 (Keras policy; float16 adds loss scaling)
-  steps_per_loop: int = 10             # steps per tf.function call; the host syncs once per call
-  jit_compile: str = "auto"            # auto | on | off: XLA for the forward/backward pass (auto: on GPUs)
-  profile_steps: Optional[Tuple[int, int]] = None  # (first, last) step traced by the TF profiler
-  # After SIGTERM/SIGINT, the longest wait for the current step (at least 3x the longest step seen)
-  # before exiting without a checkpoint: a starved input pipeline never finishes its step [I].
-  stop_grace_s: float = 60.0
-
-  def __post_init__(self):
-    for name in ("train_steps", "batch_size", "log_every", "checkpoint_every", "keep_checkpoints", "steps_per_loop"):
-      if getattr(self, name) <= 0:
-        raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-    bad = {k: v for k, v in self.task_batch_sizes.items() if v <= 0}
-    if bad:
-      raise ValueError(f"Per-task batch sizes must be > 0, got {bad}")
-    if self.learning_rate <= 0:
-      raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
-    if not 0 <= self.rmsprop_rho < 1 or not 0 <= self.rmsprop_momentum < 1 or self.rmsprop_epsilon <= 0:
-      raise ValueError(f"Bad RMSProp settings: rho={self.rmsprop_rho}, momentum={self.rmsprop_momentum}, "
-                       f"epsilon={self.rmsprop_epsilon}")
-
-    if self.trunk_update not in optimizer_lib.COMBINE_MODES:
-      raise ValueError(f"trunk_update must be one of {optimizer_lib.COMBINE_MODES}, got {self.trunk_update!r}")
-    if self.jit_compile not in JIT_COMPILE_MODES:
-      raise ValueError(f"jit_compile must be one of {JIT_COMPILE_MODES}, got {self.jit_compile!r}")
-    if self.mixed_precision not in MIXED_PRECISION_POLICIES:
-      raise ValueError(f"mixed_precision must be one of {sorted(MIXED_PRECISION_POLICIES)}, got "
-                       f"{self.mixed_precision!r}")
-    if self.stop_grace_s <= 0:
-      raise ValueError(f"stop_grace_s must be > 0, got {self.stop_grace_s}")
-    if self.profile_steps is not None:
-      first, last = self.profile_steps
-      if not 1 <= first <= last:
-        raise ValueError(f"profile_steps must be (first, last) with 1 <= first <= last, got {self.profile_steps}")
-
-  def batch_size_for(self, task: str) -> int:
-    """Global batch of `task`: its override, else `batch_size`."""
-    return self.task_batch_sizes.get(task, self.batch_size)
-
-
 @contextlib.contextmanager
 def _dtype_policy(policy: str):
   """Builds layers under `policy`, then restores the previous global policy (layers keep theirs)."""
@@ -195,24 +112,6 @@ def _dtype_policy(policy: str):
     yield
   finally:
     keras.mixed_precision.set_global_policy(previous)
-
-
-def is_chief(strategy: tf.distribute.Strategy) -> bool:
-  resolver = getattr(strategy, "cluster_resolver", None)
-  if resolver is None or not resolver.cluster_spec().as_dict():
-    return True
-  task_type, task_id = resolver.task_type, resolver.task_id
-  if task_type in (None, "chief"):
-    return True
-  return task_type == "worker" and task_id == 0 and "chief" not in resolver.cluster_spec().as_dict()
-
-
-def worker_name(strategy) -> str:
-  """'worker_1', 'chief_0', ... under several workers, else 'local'."""
-  resolver = getattr(strategy, "cluster_resolver", None)
-  if resolver is None or resolver.task_type is None:
-    return "local"
-  return f"{resolver.task_type}_{resolver.task_id}"
 
 
 def make_optimizer(config: TrainConfig, model: MultiTaskModel) -> optimizer_lib.PerTaskRMSProp:
@@ -239,123 +138,6 @@ def _flat_cosines(grads: Dict[str, List[tf.Tensor]]) -> Dict[str, tf.Tensor]:
     nb = tf.sqrt(tf.add_n([tf.reduce_sum(tf.square(tf.cast(y, tf.float32))) for y in grads[b]]))
     out[f"{a}_vs_{b}"] = dot / tf.maximum(na * nb, 1e-12)
   return out
-
-
-class _StopRequest:
-  """SIGTERM/SIGINT -> finish the current step, save a checkpoint, stop (preemption).
-
-  The flag is shared with every worker by the next step (see the module doc). While it is active it
-  replaces TF's own C++ SIGTERM notifier, which MultiWorkerMirroredStrategy installs (and which
-  otherwise swallows SIGTERM).
-
-  A Python signal handler only runs once the main thread is back in the interpreter, which it is
-  not while a step (or the input check) waits on a starved input pipeline. So the signal also wakes
-  a watcher thread (`signal.set_wakeup_fd`) that sets the flag itself and, depending on `phase`:
-    "inputs"   (nothing written yet): exits at once;
-    "starting", "training": waits for the main thread to save and stop; if it is still in one of
-               these phases max(grace_s, 3 x the longest step seen) after the signal, it exits
-               without saving, naming the newest checkpoint the restart will resume from;
-    "saving":  lets the checkpoint being written finish (the deadline moves on).
-  A second signal exits at once. Exits run the `add_cleanup` callbacks first (the run lock) and use
-  PREEMPTED_EXIT_CODE: the run is resumable from its newest checkpoint.
-  """
-
-  def __init__(self, grace_s: float = 60.0, describe_resume=lambda: ""):
-    self.requested = False
-    self.phase = "inputs"
-    self.grace_s = float(grace_s)
-    self._describe_resume = describe_resume
-    self._previous = {}
-    self._cleanups = []
-    self._longest_step = 0.0
-    self._wakeup = None       # (read fd, write fd, previous wakeup fd)
-    self._watcher = None
-    self._timer = None
-    self._signals = 0
-
-  def add_cleanup(self, fn) -> None:
-    self._cleanups.append(fn)
-
-  def step_done(self, seconds: float) -> None:
-    self._longest_step = max(self._longest_step, seconds)
-
-  def __enter__(self):
-    for sig in (signal.SIGTERM, signal.SIGINT):
-      try:
-        self._previous[sig] = signal.signal(sig, self._handle)
-      except ValueError:  # not the main thread: no handler, the run is simply not preemption-aware
-        pass
-    if self._previous:
-      read_fd, write_fd = os.pipe()
-      os.set_blocking(write_fd, False)
-      self._wakeup = (read_fd, write_fd, signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False))
-      self._watcher = threading.Thread(target=self._watch, name="signal-watcher", daemon=True)
-      self._watcher.start()
-    return self
-
-  def _handle(self, signum, frame):
-    del signum, frame  # the watcher thread logs and acts; here only the flag, for the main thread
-    self.requested = True
-
-  def _watch(self):
-    read_fd = self._wakeup[0]
-    while True:
-      try:
-        data = os.read(read_fd, 64)
-      except OSError:
-        return
-      for signum in data:
-        if signum == 0:  # __exit__ wakes the watcher to end it
-          return
-        if signum not in (signal.SIGTERM, signal.SIGINT):
-          continue
-        self._signals += 1
-        self.requested = True
-        if self._signals > 1:
-          self._exit(f"Stopped at once by a second signal ({signum}) without saving.")
-        if self.phase == "inputs":
-          self._exit(f"Stopped by signal {signum} while reading the first examples: nothing was written.")
-        wait_s = max(self.grace_s, 3.0 * self._longest_step)
-        log.warning("Received signal %d: saving a checkpoint after this step and stopping (at the "
-                    "latest in %.0f s; send it again to stop at once without saving).", signum, wait_s)
-        self._timer = threading.Timer(wait_s, self._on_deadline, args=(signum, wait_s))
-        self._timer.daemon = True
-        self._timer.start()
-
-  def _on_deadline(self, signum, wait_s):
-    if self.phase == "saving":  # a checkpoint is being written: wait for it, then for the next step
-      self._timer = threading.Timer(wait_s, self._on_deadline, args=(signum, wait_s))
-      self._timer.daemon = True
-      self._timer.start()
-    elif self.phase in ("starting", "training"):
-      self._exit(f"Stopped by signal {signum}: no step finished within {wait_s:.0f} s (the input "
-                 f"pipeline is starved, or a step is that slow); exiting without a checkpoint."
-                 f"{self._describe_resume()}")
-
-  def _exit(self, message: str):
-    for fn in self._cleanups:
-      try:
-        fn()
-      except Exception:  # noqa: BLE001 - exiting anyway; the next start reports what is left
-        pass
-    print(message, file=sys.stderr, flush=True)
-    os._exit(PREEMPTED_EXIT_CODE)
-
-  def __exit__(self, *exc):
-    self.phase = "done"  # a deadline timer still pending does nothing now
-    if self._timer is not None:
-      self._timer.cancel()
-    if self._wakeup is not None:
-      read_fd, write_fd, previous_fd = self._wakeup
-      signal.set_wakeup_fd(previous_fd)
-      os.write(write_fd, b"\0")
-      self._watcher.join(timeout=5)
-      os.close(read_fd)
-      os.close(write_fd)
-      self._wakeup = None
-    for sig, handler in self._previous.items():
-      # None: the previous handler was installed outside Python (TF's); the default is what is left.
-      signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
 
 
 class Trainer:
@@ -392,12 +174,12 @@ class Trainer:
       raise ValueError(f"Global batch sizes {indivisible} are not divisible by the {replicas} replicas "
                        "in sync; use a multiple of the number of replicas.")
     self.multi_worker = distribute.is_multi_worker(self.strategy)
-    self.chief = is_chief(self.strategy)
+    self.chief = distribute.is_chief(self.strategy)
     if self.chief:  # fail at once, before the slow start-up, if another process holds model_dir
       run_lock.RunLock(model_dir).check_free()
     self.preempted = False  # set by train() when a signal stopped it after saving a checkpoint
     self.write_dir = model_dir if self.chief else os.path.join(
-        model_dir, ".worker_tmp", worker_name(self.strategy))
+        model_dir, ".worker_tmp", distribute.worker_name(self.strategy))
     self.run_config = {
         "trunk": dict(trunk_config), "tasks": list(self.tasks),
         "task_options": {n: dataclasses.asdict(t.options) for n, t in self.tasks.items()},
@@ -525,7 +307,7 @@ class Trainer:
     workers = self.strategy.num_replicas_in_sync // len(self.strategy.extended.worker_devices)
     if total * total != workers * total_sq:  # Cauchy-Schwarz: equal iff all equal; same verdict everywhere
       raise ValueError(
-          f"Workers resumed from different steps (this one, {worker_name(self.strategy)}, from step {start}; "
+          f"Workers resumed from different steps (this one, {distribute.worker_name(self.strategy)}, from step {start}; "
           f"mean {total / workers:g}). Every worker must read the chief's --model_dir (this one reads "
           f"{self.model_dir}): on several machines put it on a shared file system.")
 
@@ -690,7 +472,7 @@ class Trainer:
       # receiving its heartbeats and aborts everyone's collectives (seconds, not a hang).
       what = distribute.describe_peer_failure(e, self.strategy.cluster_resolver.cluster_spec().as_dict())
       raise distribute.ClusterError(
-          f"{worker_name(self.strategy)} lost contact with the other workers ({what}). "
+          f"{distribute.worker_name(self.strategy)} lost contact with the other workers ({what}). "
           "Restart every worker with the same command: they resume from the newest checkpoint, "
           f"{tf.train.latest_checkpoint(self.model_dir)}.") from e
     finally:
@@ -703,7 +485,7 @@ class Trainer:
 
   def _train(self) -> Dict[str, Dict[str, float]]:
     # The signal handling covers the input check too: a starved source must not make it deaf.
-    with _StopRequest(self.config.stop_grace_s, self._describe_resume) as stop:
+    with preemption.StopRequest(self.config.stop_grace_s, self._describe_resume) as stop:
       self.check_inputs()  # before anything is written to model_dir
       stop.phase = "starting"
       with self._holding_model_dir(stop):
@@ -714,7 +496,7 @@ class Trainer:
     return f" The restart resumes from {latest}." if latest else " No checkpoint was saved yet."
 
   @contextlib.contextmanager
-  def _holding_model_dir(self, stop: "_StopRequest"):
+  def _holding_model_dir(self, stop: "preemption.StopRequest"):
     """The chief holds model_dir's run lock (`tf_mtssl.runs.lock`); other workers share its directory."""
     if not self.chief:
       yield
@@ -734,7 +516,7 @@ class Trainer:
                   "%s): %s", start, os.path.join(self.model_dir, checkpoints.RUN_CONFIG_HISTORY),
                   "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changes.items()))
 
-  def _run(self, stop: "_StopRequest") -> Dict[str, Dict[str, float]]:
+  def _run(self, stop: "preemption.StopRequest") -> Dict[str, Dict[str, float]]:
     cfg = self.config
     start = self.restore_latest()
     self._check_workers_agree(start)
@@ -812,3 +594,19 @@ class Trainer:
     bar.close()
     writer.flush()
     return last
+
+
+def pretrain(run: PretrainConfig, config: TrainConfig, trunk: trunk_lib.TrunkConfig, lasso: lasso_lib.LassoConfig,
+             task_options: Dict[str, object]) -> Tuple[Trainer, Dict[str, Dict[str, float]]]:
+  """Builds the run's strategy, tasks and Trainer and trains (resuming from `run.model_dir`).
+
+  Returns (trainer, the last logged metrics). The strategy is made first: a multi-worker strategy
+  must exist before the TensorFlow runtime starts.
+  """
+  strategy = distribute.make_strategy(run.distribution, cluster_timeout_s=run.cluster_timeout_s)
+  names = task_registry.parse_task_list(run.tasks)
+  tasks = {n: task_registry.make_task(n, options=task_options[n], image_size=run.image_size, harmonize=run.harmonize)
+           for n in names}
+  trainer = Trainer(run.model_dir, tasks, trunk.as_dict(), config, {n: run.data_of(n) for n in names},
+                    tfds_data_dir=run.tfds_data_dir, lasso_l1=lasso.l1_at("pretrain"), strategy=strategy)
+  return trainer, trainer.train()

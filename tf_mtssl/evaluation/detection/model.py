@@ -26,11 +26,11 @@ from keras import layers
 import tensorflow as tf
 
 from tf_mtssl.model import trunk as trunk_lib
+from tf_mtssl.evaluation import common
 from tf_mtssl.evaluation.detection import box_ops
 from tf_mtssl.evaluation.detection import targets as targets_lib
 
 TRUNK_BN_MODES = ("train", "frozen")
-LASSO_ROW = "detection"
 
 
 def _field(default, help_text: str):
@@ -159,7 +159,7 @@ class FasterRCNN(keras.Model):
   Attributes:
     trunk: the block-3 trunk (from a pretraining run, an export or random init).
     rpn_head, box_classifier: fresh Keras models.
-    lasso: optional `tf_mtssl.model.lasso.LassoCombination` with the row `detection` (paper_spec 5:
+    lasso: optional `tf_mtssl.model.lasso.LassoCombination` with the evaluation's row (`tf_mtssl.evaluation.common.eval_lasso`) (paper_spec 5:
       `--lasso=eval|both`), or None.
   """
 
@@ -196,7 +196,7 @@ class FasterRCNN(keras.Model):
     out = self.trunk(images, training=trunk_training)
     if self.lasso is None:
       return out["block3"]
-    return self.lasso(out["units"], row=LASSO_ROW)
+    return self.lasso(out["units"], row=common.EVAL_LASSO_ROW)
 
   def rpn(self, features: tf.Tensor) -> Dict[str, tf.Tensor]:
     """Objectness logits [B, N], deltas [B, N, 4] and anchors [N, 4], N = h * w * A (row-major)."""
@@ -314,7 +314,7 @@ class FasterRCNN(keras.Model):
     kernels = [v for v in self.trainable_variables if v.path.endswith("kernel")]
     loss = 0.5 * weight_decay * tf.add_n([tf.reduce_sum(tf.square(v)) for v in kernels])
     if self.lasso is not None:
-      loss += self.lasso.l1_penalty(LASSO_ROW)
+      loss += self.lasso.l1_penalty(common.EVAL_LASSO_ROW)
     return loss
 
   # ---- inference ----------------------------------------------------------------------------------

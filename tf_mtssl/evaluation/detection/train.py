@@ -24,7 +24,7 @@ from tf_mtssl.runs import checkpoints
 from tf_mtssl.evaluation import metrics
 from tf_mtssl.model import preprocessing
 from tf_mtssl.core import progress as progress_lib
-from tf_mtssl.evaluation.detection.model import LASSO_ROW, FasterRCNN
+from tf_mtssl.evaluation.detection.model import FasterRCNN
 from tf_mtssl.evaluation import outputs
 from tf_mtssl.runs import trunk_source
 
@@ -287,27 +287,3 @@ def finetune(detector: FasterRCNN, train_ds: tf.data.Dataset, eval_ds: Optional[
   return summary
 
 
-# ---- wiring (what the binary calls) ----------------------------------------------------------------
-def make_lasso(mode: str, trunk: keras.Model, l1: float, model_dir: str = ""):
-  """The detection row's lasso layer for `--lasso=eval|both` (paper_spec 5, table 4), else None.
-
-  Both modes give the detector a fresh alpha row over the block-3 units (paper_spec 5 [R]: the
-  evaluation task gets its own row); they differ in the pretraining, which is checked against the
-  run's recorded config when `model_dir` is given.
-  """
-  from tf_mtssl.runs import checkpoints
-  from tf_mtssl import cli as flag_utils
-  from tf_mtssl.model import lasso as lasso_lib
-  if model_dir:
-    pretrained_with_lasso = checkpoints.load_run_config(model_dir).get("lasso") is not None
-    expects_lasso = flag_utils.lasso_applies(mode, "pretrain")
-    if pretrained_with_lasso != expects_lasso:
-      with_ = lambda b: "with" if b else "without"  # noqa: E731
-      raise ValueError(
-          f"--lasso={mode} expects a trunk pretrained {with_(expects_lasso)} the lasso, but run "
-          f"{model_dir} was pretrained {with_(pretrained_with_lasso)} it; use --lasso=both or pretrain "
-          "for a lasso run, none or eval for a naive one")
-  if not flag_utils.lasso_applies(mode, "eval"):
-    return None
-  units = trunk.compute_output_spec(keras.KerasTensor((1, 64, 64, 3)))["units"]
-  return lasso_lib.LassoCombination(rows=[LASSO_ROW], num_units=len(units), l1=l1, name="lasso")

@@ -1,7 +1,7 @@
 """The colorization prior p~ over the 313 ab bins, and the class-rebalancing weights (paper_spec 3.2).
 
-  python -m tf_mtssl.tasks.colorization.prior --data=embedded
-  python -m tf_mtssl.tasks.colorization.prior --data=tfds:imagenet2012 --tfds_data_dir=... \
+  python -m tf_mtssl.colorization_prior --data=embedded
+  python -m tf_mtssl.colorization_prior --data=tfds:imagenet2012 --tfds_data_dir=... \
       --num_images=10000 --output=/data/imagenet_colorization_prior.npy
 
 Estimation (Zhang et al. 2016, paper_spec 3.2): every pixel of every colour image votes for its most
@@ -17,7 +17,7 @@ Rebalancing: w(q) = ((1 - lambda) p~(q) + lambda / Q)^-1, scaled so that E_p~[w]
 lambda = 0.5 (`rebalance_weights`).
 
 Storage: a float64 .npy of shape (313,) summing to 1, in the bin order of
-`tf_mtssl.tasks.colorization.task.ab_bin_centers` (Zhang's order, so his `prior_probs.npy` loads too).
+`tf_mtssl.tasks.colorization.bins.ab_bin_centers` (Zhang's order, so his `prior_probs.npy` loads too).
 Default place: beside the data (`default_prior_path`).
 """
 
@@ -32,7 +32,7 @@ import tensorflow as tf
 from tf_mtssl.core import files
 from tf_mtssl.model import color
 from tf_mtssl.data import embedded, sources
-from tf_mtssl.tasks.colorization import task as colorization
+from tf_mtssl.tasks.colorization import bins as ab_bins
 
 log = logging.getLogger(__name__)
 
@@ -71,9 +71,9 @@ def load_prior(path: Union[str, os.PathLike]) -> np.ndarray:
 
 def validate_prior(prior: np.ndarray, name: str = "prior") -> np.ndarray:
   prior = np.asarray(prior)
-  if prior.shape != (colorization.NUM_BINS,):
+  if prior.shape != (ab_bins.NUM_BINS,):
     raise ValueError(f"Colorization prior {name} has shape {prior.shape}; expected "
-                     f"({colorization.NUM_BINS},), one probability per ab bin")
+                     f"({ab_bins.NUM_BINS},), one probability per ab bin")
   prior = prior.astype(np.float64)
   if not np.all(np.isfinite(prior)) or np.any(prior < 0) or prior.sum() <= 0:
     raise ValueError(f"Colorization prior {name} must be finite, non-negative and not all zero")
@@ -82,7 +82,6 @@ def validate_prior(prior: np.ndarray, name: str = "prior") -> np.ndarray:
 
 def save_prior(path: Union[str, os.PathLike], prior: np.ndarray) -> pathlib.Path:
   """Writes a validated prior atomically (temporary name, then rename)."""
-  from tf_mtssl.data import prepare as prepare_embedded  # its atomic writer; imported here (a data-prep module)
   return files.save_array(path, validate_prior(prior, str(path)))
 
 
@@ -91,16 +90,16 @@ def rebalance_weights(prior: np.ndarray, lam: float = 0.5) -> np.ndarray:
   prior = validate_prior(prior)
   if not 0.0 < lam <= 1.0:
     raise ValueError(f"lambda must be in (0, 1], got {lam}")
-  weights = 1.0 / ((1.0 - lam) * prior + lam / colorization.NUM_BINS)
+  weights = 1.0 / ((1.0 - lam) * prior + lam / ab_bins.NUM_BINS)
   return weights / np.sum(prior * weights)
 
 
 def smooth_histogram(histogram: np.ndarray, sigma: float = PRIOR_SIGMA) -> np.ndarray:
   """Gaussian smoothing over the bin centres, mass-preserving; returns a distribution [313]."""
   histogram = np.asarray(histogram, np.float64)
-  if histogram.shape != (colorization.NUM_BINS,) or histogram.sum() <= 0:
-    raise ValueError(f"Need a non-empty histogram of shape ({colorization.NUM_BINS},), got {histogram.shape}")
-  centers = colorization.ab_bin_centers().astype(np.float64)
+  if histogram.shape != (ab_bins.NUM_BINS,) or histogram.sum() <= 0:
+    raise ValueError(f"Need a non-empty histogram of shape ({ab_bins.NUM_BINS},), got {histogram.shape}")
+  centers = ab_bins.ab_bin_centers().astype(np.float64)
   d2 = np.sum((centers[:, None, :] - centers[None, :, :]) ** 2, axis=-1)
   kernel = np.exp(-d2 / (2.0 * sigma ** 2))
   kernel /= kernel.sum(axis=0, keepdims=True)  # column j: where bin j's mass goes
@@ -136,21 +135,21 @@ def compute_prior(data: str, *, num_images: int = 10000, max_side: int = 256, se
   Raises:
     ValueError: the source has no colour image.
   """
-  encoder = colorization.TargetEncoder(np.ones(colorization.NUM_BINS), k=k)
+  encoder = ab_bins.TargetEncoder(np.ones(ab_bins.NUM_BINS), k=k)
 
   def counts(element):
     image = color.ensure_rgb(element["image"])
     ab = color.rgb_to_lab(_shrink(image, max_side))[..., 1:]
     bins = encoder.most_likely_bin(*encoder.soft_encode(ab))
-    hist = tf.math.bincount(tf.reshape(bins, [-1]), minlength=colorization.NUM_BINS,
-                            maxlength=colorization.NUM_BINS, dtype=tf.int64)
-    return hist, colorization.is_gray_image(ab, gray_threshold)
+    hist = tf.math.bincount(tf.reshape(bins, [-1]), minlength=ab_bins.NUM_BINS,
+                            maxlength=ab_bins.NUM_BINS, dtype=tf.int64)
+    return hist, ab_bins.is_gray_image(ab, gray_threshold)
 
   ds = sources.image_dataset(data, seed=seed, repeat=False, tfds_data_dir=tfds_data_dir)
   if num_images > 0:
     ds = ds.take(num_images)
   ds = ds.map(counts, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
-  total = np.zeros(colorization.NUM_BINS, np.float64)
+  total = np.zeros(ab_bins.NUM_BINS, np.float64)
   stats = {"images": 0, "gray_images": 0, "pixels": 0}
   for hist, gray in ds.as_numpy_iterator():
     if gray:
@@ -168,7 +167,7 @@ def compute_prior(data: str, *, num_images: int = 10000, max_side: int = 256, se
 
 
 def prepare_embedded_step(root: pathlib.Path) -> List:
-  """`tf_mtssl.data.prepare` step: the prior of the embedded photos, at root/colorization_prior.npy."""
+  """`tf_mtssl.prepare_embedded` step: the prior of the embedded photos, at root/colorization_prior.npy."""
   from tf_mtssl import __version__
   from tf_mtssl.data import prepare as prepare_embedded
   root = pathlib.Path(root)
@@ -176,14 +175,14 @@ def prepare_embedded_step(root: pathlib.Path) -> List:
   prior, stats = compute_prior(str(images), num_images=0)
   path = save_prior(root / PRIOR_FILENAME, prior)
   return [prepare_embedded.FileRecord(
-      path, "tf_mtssl", __version__, f"computed from {images.name}/ by tf_mtssl.tasks.colorization.prior",
+      path, "tf_mtssl", __version__, f"computed from {images.name}/ by tf_mtssl.colorization_prior",
       "derived from the embedded images (see their licences)",
       f"smoothed ab prior over 313 bins (sigma {PRIOR_SIGMA:g}): {stats['images']} colour images, "
       f"{stats['gray_images']} gray skipped, {stats['pixels']} pixels")]
 
 
 def prepare_photos_step(root: pathlib.Path) -> List:
-  """`tf_mtssl.data.prepare` step: the prior of the `photos` source (images/ + photos/)."""
+  """`tf_mtssl.prepare_embedded` step: the prior of the `photos` source (images/ + photos/)."""
   from tf_mtssl import __version__
   from tf_mtssl.data import prepare as prepare_embedded
   root = pathlib.Path(root)
@@ -194,39 +193,7 @@ def prepare_photos_step(root: pathlib.Path) -> List:
   prior = sum(p * s["pixels"] for p, s in parts) / stats["pixels"]
   path = save_prior(root / PHOTOS_PRIOR_FILENAME, prior)
   return [prepare_embedded.FileRecord(
-      path, "tf_mtssl", __version__, "computed from images/ and photos/ by tf_mtssl.tasks.colorization.prior",
+      path, "tf_mtssl", __version__, "computed from images/ and photos/ by tf_mtssl.colorization_prior",
       "derived from the embedded images and photos (see their licences)",
       f"smoothed ab prior over 313 bins (sigma {PRIOR_SIGMA:g}): {stats['images']} colour images, "
       f"{stats['gray_images']} gray skipped, {stats['pixels']} pixels")]
-
-
-def main(argv):
-  from absl import flags
-  del argv
-  f = flags.FLAGS
-  output = f.output or default_prior_path(f.data)
-  if output is None:
-    raise ValueError(f"--output is required for source {f.data!r} (no default place beside the data)")
-  prior, stats = compute_prior(f.data, num_images=f.num_images, max_side=f.max_side, seed=f.seed,
-                               tfds_data_dir=f.tfds_data_dir or None, gray_threshold=f.gray_threshold,
-                               sigma=f.sigma)
-  path = save_prior(output, prior)
-  print(f"Wrote {path}: {stats['images']} colour images ({stats['gray_images']} gray skipped), "
-        f"{stats['pixels']} pixels; max bin probability {prior.max():.4f}")
-
-
-if __name__ == "__main__":
-  from absl import app, flags
-  from tf_mtssl import cli as flag_utils
-  flags.DEFINE_string("data", "embedded", "Image source: 'embedded', 'tfds:NAME[:SPLIT]', a folder or a "
-                      "TFRecord glob (see tf_mtssl.data.sources).")
-  flags.DEFINE_string("output", "", "Output .npy; empty = colorization_prior.npy beside the data "
-                      "(embedded root or the image folder).")
-  flags.DEFINE_integer("num_images", 10000, "Images to read (<= 0: the whole source).")
-  flags.DEFINE_integer("max_side", 256, "Images are shrunk to this longer side first.")
-  flags.DEFINE_integer("seed", 0, "Shuffling seed of the source.")
-  flags.DEFINE_string("tfds_data_dir", "", "tensorflow-datasets data_dir (empty: the tfds default).")
-  flags.DEFINE_float("gray_threshold", 5.0, "Images with |a|,|b| <= this everywhere are skipped "
-                     "(paper_spec 3.2: 5).")
-  flags.DEFINE_float("sigma", PRIOR_SIGMA, "Gaussian smoothing of the prior, ab units (paper_spec 3.2: 5).")
-  app.run(flag_utils.run_main(main))
