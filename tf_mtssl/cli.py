@@ -48,13 +48,14 @@ def define_flags(cls, *, prefix: str = "", exclude: Iterable[str] = (), defaults
 
 def config_from_flags(cls, *, prefix: str = "", exclude: Iterable[str] = (), **fixed):
   """An instance of `cls` from the flags `define_flags` made (converted, validated by the dataclass);
-  `fixed` fields are given, not read. A bad value raises ValueError naming its flag."""
+  `fixed` fields are given, not read; fields without a flag (excluded when the flags were defined) keep
+  their defaults. A bad value raises ValueError naming its flag."""
   exclude = set(exclude) | set(fixed)
   values = {}
   for f in dataclasses.fields(cls):
-    if f.name in exclude:
-      continue
     name = configs.flag_name(f, prefix)
+    if f.name in exclude or name not in FLAGS:
+      continue
     values[f.name] = configs.convert(cls, f, FLAGS[name].value, what=f"--{name}")
   return cls(**values, **fixed)
 

@@ -20,144 +20,62 @@ decay, the one with the best --val_split top-1 kept, and/or the cosine kNN probe
 
 from tf_mtssl.core import quiet  # noqa: F401  (first: silences TensorFlow's start-up noise)
 
-import dataclasses
 import logging
 import os
 
 import keras
-from absl import app, flags
+from absl import app
 
-from tf_mtssl import cli as flag_utils
-from tf_mtssl.data import classification as classification_set
-from tf_mtssl.evaluation import linear, outputs, probes
+from tf_mtssl import cli
+from tf_mtssl.core import configs
+from tf_mtssl.evaluation import common, linear, probes
+from tf_mtssl.model.lasso import LassoConfig
+from tf_mtssl.model.trunk import TrunkConfig
 from tf_mtssl.runs import trunk_source
 
-FLAGS = flags.FLAGS
-
-flags.DEFINE_enum("init", "pretrained", list(trunk_source.INIT_MODES),
-                  "pretrained: the trunk of --model_dir or --trunk_keras; random: random weights (the "
-                  "paper's Random Init baseline, paper_spec 7.4), architecture of --model_dir if given, "
-                  "else of --depth/--output_stride/--base_width.")
-flags.DEFINE_string("model_dir", "", "Pretraining run directory (run_config.json + checkpoints).")
-flags.DEFINE_string("checkpoint", "", "Checkpoint prefix in --model_dir (e.g. ckpt-100); empty = latest.")
-flags.DEFINE_string("trunk_keras", "", "An exported trunk: trunk.keras file or export directory "
-                    "(python -m tf_mtssl.export ...), instead of --model_dir.")
-flags.DEFINE_string("data", "embedded", "Labelled data: 'embedded' (tiny set from the embedded photos), "
-                    "'tfds:imagenet2012' (prepared in --tfds_data_dir, never downloaded), an ImageFolder "
-                    "root (root/<split>/<label>/*.jpg), or a TFRecord pattern with '{split}' "
-                    "(image/encoded + image/class/label).")
-flags.DEFINE_string("tfds_data_dir", None, "tensorflow-datasets data_dir with prepared datasets "
-                    "(None: the tfds default, ~/tensorflow_datasets).")
-flags.DEFINE_string("train_split", "train", "Split the classifier is trained on.")
-flags.DEFINE_string("eval_split", "", "Split top-1/top-5 are reported on; empty = the source's "
-                    "validation split (validation for tfds/TFRecords, val for folders and embedded).")
-flags.DEFINE_integer("label_offset", 0, "Subtracted from TFRecord labels (slim ImageNet TFRecords: 1).")
-flags.DEFINE_integer("num_classes", 0, "Classes of TFRecord data; 0 = scan the training labels once.")
-flags.DEFINE_integer("image_size", 224, "Side of the crops fed to the trunk (paper_spec 7.1 [I]: 224).")
-flags.DEFINE_float("crop_fraction", 0.875, "Centre crops: resize the shorter side to "
-                   "image_size / crop_fraction, then crop [I].")
-flags.DEFINE_boolean("augment", False, "Train on random-resized crops + flips (paper_spec 7.1 [I]); "
-                     "features are then computed every step (no cache).")
-flags.DEFINE_boolean("cache_features", True, "Compute the frozen trunk's pooled features once and "
-                     "train the classifier on them (only without --augment).")
-flags.DEFINE_integer("grid", 3, "Block 3 is average-pooled to grid x grid (paper_spec 7.1: 3).")
-flags.DEFINE_enum("feature_norm", "batchnorm", list(linear.FEATURE_NORMS),
-                  "batchnorm: standardise features by batch norm without affine before the linear "
-                  "layer [I] (a departure from paper_spec 7.1, because block 3's scale differs by "
-                  "orders of magnitude between trunks; see flags/linear_imagenet.cfg); none: the "
-                  "paper's plain linear probe on raw features.")
-flags.DEFINE_integer("batch_size", 256, "Training batch (paper_spec 7.1 [I]: 256-2048).")
-flags.DEFINE_integer("eval_batch_size", 256, "Batch of feature extraction and evaluation.")
-flags.DEFINE_integer("train_steps", 2000, "SGD steps (paper_spec 7.1 [I]: 85000 on ImageNet).")
-flags.DEFINE_float("learning_rate", 0.1, "Initial learning rate (paper_spec 7.1 [I]: 0.1).")
-flags.DEFINE_list("lr_boundaries", ["1200", "1600"], "Steps after which the learning rate is "
-                  "multiplied by --lr_decay (paper_spec 7.1 [I]: 50000,75000).")
-flags.DEFINE_float("lr_decay", 0.1, "Learning-rate factor at each boundary (paper_spec 7.1 [I]).")
-flags.DEFINE_float("momentum", 0.9, "SGD momentum (paper_spec 7.1 [I]).")
-flags.DEFINE_float("weight_decay", 0.0, "L2 weight on the classifier kernel [I].")
-flags.DEFINE_list("probes", ["linear"], f"Probes of {list(probes.PROBES)}: linear (weight decay chosen on "
-                  "--val_split when --weight_decays lists several) and knn (cosine, weighted vote).")
-flags.DEFINE_list("weight_decays", [], "Linear probe: weight decays to choose from on --val_split (e.g. "
-                  f"{','.join(str(w) for w in probes.WEIGHT_DECAYS)}); empty = --weight_decay alone.")
-flags.DEFINE_list("knn_ks", [str(k) for k in probes.KNN_KS], "kNN probe: k values to choose from on --val_split.")
-flags.DEFINE_float("knn_temperature", probes.KNN_TEMPERATURE, "kNN probe: vote weights exp(cos / T) (DINO: 0.07).")
-flags.DEFINE_string("val_split", "val", "Split the probes' hyper-parameters are chosen on (--probes=knn, "
-                    "--weight_decays, probe sets).")
-flags.DEFINE_boolean("reestimate_bn", False, "Diagnostic (probes path): re-estimate the trunk's batch-norm "
-                     "moving statistics on up to 2048 --train_split images before probing.")
-flags.DEFINE_integer("eval_every", 0, "Steps between evaluations (0: only at the end).")
-flags.DEFINE_integer("log_every", 100, "Steps between training-loss logs.")
-flags.DEFINE_integer("seed", 0, "Seed of random init, shuffling and augmentation.")
-flags.DEFINE_string("output_dir", "runs/eval_linear", "TensorBoard summaries and results.json; "
-                    "reused only by the same trunk source.")
-flag_utils.define_trunk_flags()
-flag_utils.define_lasso_flags()
-flag_utils.define_progress_flag()
+for _config in (trunk_source.TrunkSourceConfig, TrunkConfig, LassoConfig, linear.LinearEvalConfig):
+  cli.define_flags(_config)
+cli.define_flags(linear.ProbeConfig, exclude=("lasso_l1", "preprocessing", "shuffle_buffer"))
+# The probes' protocol: used for probe sets, or when --probes, --weight_decays or --reestimate_bn ask for it.
+cli.define_flags(probes.ProbeProtocol, exclude=("train_split", "test_split"),
+                 defaults={"probes": ("linear",), "weight_decays": ()})
 
 
 def main(argv):
   del argv
   logging.getLogger().setLevel(logging.INFO)
-  keras.utils.set_random_seed(FLAGS.seed)  # heads' initialisation, shuffling: reproducible runs
-  trunk, trunk_info = trunk_source.load_trunk(
-      FLAGS.init, model_dir=FLAGS.model_dir, checkpoint=FLAGS.checkpoint, trunk_keras=FLAGS.trunk_keras,
-      trunk_config=flag_utils.trunk_config_from_flags(), seed=FLAGS.seed)
-  source = classification_set.ClassificationSource(
-      FLAGS.data, train_split=FLAGS.train_split, tfds_data_dir=FLAGS.tfds_data_dir,
-      label_offset=FLAGS.label_offset, num_classes=FLAGS.num_classes, image_size=FLAGS.image_size)
-  eval_split = FLAGS.eval_split or source.default_eval_split()
-  config = linear.ProbeConfig(
-      train_steps=FLAGS.train_steps, batch_size=FLAGS.batch_size, eval_batch_size=FLAGS.eval_batch_size,
-      learning_rate=FLAGS.learning_rate, lr_boundaries=tuple(int(b) for b in FLAGS.lr_boundaries),
-      lr_decay=FLAGS.lr_decay, momentum=FLAGS.momentum, weight_decay=FLAGS.weight_decay,
-      feature_norm=FLAGS.feature_norm, grid=FLAGS.grid, image_size=FLAGS.image_size,
-      crop_fraction=FLAGS.crop_fraction, augment=FLAGS.augment, cache_features=FLAGS.cache_features,
-      lasso_l1=FLAGS.lasso_l1 if flag_utils.lasso_applies(FLAGS.lasso, "eval") else None,
-      eval_every=FLAGS.eval_every, log_every=FLAGS.log_every, seed=FLAGS.seed,
-      progress_bar=FLAGS.progress_bar, preprocessing=trunk_source.input_convention(trunk_info))
-  outputs.claim_output_dir(FLAGS.output_dir, linear.EVALUATION, trunk_info)
-  print(f"Linear evaluation (paper_spec 7.1) of {trunk_source.describe_source(trunk_info)}; data "
-        f"{source.describe()['spec']} ({source.num_classes} classes), train split {FLAGS.train_split!r}, "
-        f"eval split {eval_split!r}; {config}")
-  if source.kind == "probe_set" or FLAGS.probes != ["linear"] or FLAGS.weight_decays or FLAGS.reestimate_bn:
-    _run_probes(trunk, trunk_info, source, config, eval_split)
-    return
-  result = linear.ProbeTrainer(trunk, source.num_classes, config).fit(
-      source, FLAGS.train_split, eval_split, summary_dir=FLAGS.output_dir)
-  # Only what was used: the resolved probe settings, not the binary's flag defaults.
-  result.update(data=source.describe(), train_split=FLAGS.train_split, eval_split=eval_split,
-                lasso=FLAGS.lasso, config=dataclasses.asdict(config))
-  result["top1_se"] = probes.proportion_se(result["top1"], result["num_eval"])
-  path = outputs.write_results(FLAGS.output_dir, linear.EVALUATION, trunk_info, result)
-  print(f"top1={result['top1']:.4f} (standard error {result['top1_se']:.4f}) top{result['top5_k']}={result['top5']:.4f} "
-        f"({result['num_eval']} {eval_split} examples, {source.num_classes} classes, chance top1="
-        f"{1.0 / source.num_classes:.4f})")
+  run = cli.config_from_flags(linear.LinearEvalConfig)
+  lasso = cli.config_from_flags(LassoConfig)
+  seed = cli.FLAGS.seed
+  keras.utils.set_random_seed(seed)  # heads' initialisation, shuffling: reproducible runs
+  source = trunk_source.load(cli.config_from_flags(trunk_source.TrunkSourceConfig), cli.config_from_flags(TrunkConfig),
+                             seed)
+  common.check_pretraining_lasso(lasso.mode, source.provenance)
+  config = cli.config_from_flags(linear.ProbeConfig, lasso_l1=lasso.l1_at("eval"),
+                                 preprocessing=trunk_source.input_convention(source.provenance))
+  f = cli.FLAGS
+  protocol = None
+  if list(f.probes) != ["linear"] or f.weight_decays or f.reestimate_bn:
+    protocol = cli.config_from_flags(probes.ProbeProtocol, train_split=run.train_split, test_split="",
+                                     **({} if f.weight_decays else {"weight_decays": (config.weight_decay,)}))
+  print(f"Linear evaluation (paper_spec 7.1) of {trunk_source.describe_source(source.provenance)}; data {run.data}; "
+        f"{configs.describe(config)}")
+  result, path, data = linear.evaluate(source, run, config, protocol)
+  split, chance = result["eval_split"], 1.0 / data.num_classes
+  if "num_test" in result:  # the probes' protocol
+    for name in ("linear", "knn"):
+      if name in result:
+        r = result[name]
+        chosen = f"weight decay {r['weight_decay']:g}" if name == "linear" else f"k={r['k']}"
+        print(f"{name}: top1={r['top1']:.4f} +- {r['se']:.4f} (standard error) on {result['num_test']} {split} "
+              f"examples; {chosen} chosen on {f.val_split} (top1 {r['val_top1']:.4f}); chance {chance:.4f}")
+  else:
+    print(f"top1={result['top1']:.4f} (standard error {result['top1_se']:.4f}) top{result['top5_k']}="
+          f"{result['top5']:.4f} ({result['num_eval']} {split} examples, {data.num_classes} classes, chance "
+          f"top1={chance:.4f})")
   print(f"Result:      {os.path.abspath(path)}")
-  print(f"TensorBoard: tensorboard --logdir {os.path.abspath(FLAGS.output_dir)}")
-
-
-def _run_probes(trunk, trunk_info, source, config, eval_split):
-  try:
-    knn_ks = tuple(int(k) for k in FLAGS.knn_ks)
-    weight_decays = tuple(float(w) for w in FLAGS.weight_decays) or (FLAGS.weight_decay,)
-  except ValueError as e:
-    raise ValueError(f"--knn_ks takes integers and --weight_decays numbers: {e}") from e
-  protocol = probes.ProbeProtocol(probes=tuple(FLAGS.probes), weight_decays=weight_decays, knn_ks=knn_ks,
-                                  knn_temperature=FLAGS.knn_temperature, train_split=FLAGS.train_split,
-                                  val_split=FLAGS.val_split, test_split=eval_split,
-                                  reestimate_bn=FLAGS.reestimate_bn)
-  result = probes.run_probes(trunk, source, config, protocol)
-  result.update(data=source.describe(), protocol=dataclasses.asdict(protocol), config=dataclasses.asdict(config))
-  path = outputs.write_results(FLAGS.output_dir, linear.EVALUATION, trunk_info, result)
-  chance = 1.0 / source.num_classes
-  for name in protocol.probes:
-    r = result[name]
-    chosen = f"weight decay {r['weight_decay']:g}" if name == "linear" else f"k={r['k']}"
-    print(f"{name}: top1={r['top1']:.4f} +- {r['se']:.4f} (standard error) on {result['num_test']} "
-          f"{eval_split} examples; {chosen} chosen on {FLAGS.val_split} (top1 {r['val_top1']:.4f}); "
-          f"chance {chance:.4f}")
-  print(f"Result:      {os.path.abspath(path)}")
+  print(f"TensorBoard: tensorboard --logdir {os.path.abspath(run.output_dir)}")
 
 
 if __name__ == "__main__":
-  app.run(flag_utils.run_main(main))
+  app.run(cli.run_main(main))

@@ -45,6 +45,7 @@ from typing import List, Optional, Tuple
 import numpy as np
 import tensorflow as tf
 
+from tf_mtssl.core import configs
 from tf_mtssl.data import embedded, sources
 
 _AUTOTUNE = tf.data.AUTOTUNE
@@ -116,6 +117,35 @@ def _random_crop_flip(image, depth, seed, crop_h: int, crop_w: int):
 
 def _valid_depth(depth):
   return tf.where(tf.math.is_finite(depth) & (depth > 0), depth, 0.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class DepthDataConfig:
+  """Which depth data, cropped how (the arguments of `DepthSource`)."""
+  data: str = configs.field("embedded", "Depth data: 'embedded' (the embedded Middlebury stereo pairs, inverse "
+                            "depth from disparity), a folder of stereo pairs in that layout, or 'tfds:nyu_depth_v2' "
+                            "(prepared in --tfds_data_dir, never downloaded).")
+  tfds_data_dir: Optional[str] = configs.field(None, "tensorflow-datasets data_dir with prepared datasets (None: "
+                                               "the tfds default, ~/tensorflow_datasets).")
+  train_split: str = configs.field("train", "tfds: training split.")
+  test_split: str = configs.field("validation", "tfds: test split (nyu_depth_v2: the 654 test images).")
+  crop_height: int = configs.field(128, "Height of training crops and test crops/tiles (paper_spec 7.3 [I] NYU: 228).")
+  crop_width: int = configs.field(128, "Width of training crops and test crops/tiles (paper_spec 7.3 [I] NYU: 304).")
+  resize_height: int = configs.field(0, "tfds: resize before cropping (0: keep; NYU [I]: 240).")
+  resize_width: int = configs.field(0, "tfds: resize before cropping (0: keep; NYU [I]: 320).")
+  stereo_max_side: int = configs.field(768, "Stereo pairs: resize so the longer side is at most this.")
+  test_fraction: float = configs.field(1.0 / 3.0, "Stereo pairs: right fraction of each pair's columns held out as "
+                                       "the test split.")
+  eval_crop: Optional[Tuple[int, ...]] = configs.field(None, "tfds: TOP,BOTTOM,LEFT,RIGHT of the scored region of "
+                                                       "the full-resolution test ground truth (bottom/right "
+                                                       "exclusive); empty = the whole frame (NYU [I]: "
+                                                       f"{','.join(map(str, EIGEN_CROP))}, Eigen et al.'s crop).")
+
+  def source(self) -> "DepthSource":
+    if self.eval_crop is not None and len(self.eval_crop) != 4:
+      raise ValueError(f"--eval_crop takes TOP,BOTTOM,LEFT,RIGHT pixel numbers, got {self.eval_crop}")
+    kwargs = dataclasses.asdict(self)
+    return DepthSource(kwargs.pop("data"), **kwargs)
 
 
 class DepthSource:

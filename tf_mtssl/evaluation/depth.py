@@ -45,7 +45,8 @@ import tensorflow as tf
 from keras import layers
 
 from tf_mtssl.core import schedules
-from tf_mtssl.model import lasso as lasso_lib
+from tf_mtssl.core import configs
+from tf_mtssl.data import depth as depth_data  # noqa: F401  (type of `evaluate`'s data)
 from tf_mtssl.evaluation import metrics
 from tf_mtssl.model import preprocessing
 from tf_mtssl.core import progress as progress_lib
@@ -55,6 +56,8 @@ from tf_mtssl.evaluation import common
 _AUTOTUNE = tf.data.AUTOTUNE
 EVALUATION = "depth"
 OPTIMIZERS = ("sgd", "adam")
+log = logging.getLogger(__name__)
+
 AGGREGATIONS = ("per_image_mean", "pooled")   # both NYU conventions, named as such
 HEADLINE = ("delta1", "abs_rel", "rmse")      # delta1: paper_spec 7.3's metric
 BERHU_C_FRACTION = 0.2  # Laina et al.: c = 0.2 * max |residual| of the batch
@@ -173,23 +176,29 @@ class DepthNetwork:
 class DepthConfig:
   """Fine-tuning hyper-parameters (defaults: a short run on the embedded stereo pairs; the NYU
   protocol is flags/depth_nyu.cfg)."""
-  train_steps: int = 1000
-  batch_size: int = 8
-  eval_batch_size: int = 8
-  optimizer: str = "sgd"                        # FCRN: SGD with momentum 0.9 [I]
-  learning_rate: float = 0.01                   # FCRN: 1e-2 [I]
-  lr_boundaries: Tuple[int, ...] = (600, 800)
-  lr_decay: float = 0.1
-  momentum: float = 0.9
-  weight_decay: float = 1e-4                    # decoupled, on kernels only [I]
-  clipnorm: float = 0.0                         # global gradient-norm clip; 0 = none [I]
-  berhu_c: float = BERHU_C_FRACTION
-  max_depth: float = 0.0                        # test: ground truth beyond it left out, predictions
-                                                # clipped to it; 0 = no cap (NYU protocol: 10 m)
-  eval_every: int = 0
-  log_every: int = 50
-  seed: int = 0
-  progress_bar: bool = True                     # tqdm bars of training and evaluation
+  train_steps: int = configs.field(1000, "Training steps.")
+  batch_size: int = configs.field(8, "Training batch (FCRN [I]: 16).")
+  eval_batch_size: int = configs.field(8, "Test batch.")
+  optimizer: str = configs.field("sgd", "sgd (with momentum, FCRN [I]) or adam.", choices=OPTIMIZERS)
+  learning_rate: float = configs.field(0.01, "Initial learning rate (FCRN [I]: 1e-2).")
+  lr_boundaries: Tuple[int, ...] = configs.field((600, 800), "Steps after which the learning rate is multiplied "
+                                                 "by --lr_decay.")
+  lr_decay: float = configs.field(0.1, "Learning-rate factor at each boundary.")
+  momentum: float = configs.field(0.9, "SGD momentum (FCRN [I]: 0.9).")
+  weight_decay: float = configs.field(1e-4, "Decoupled weight decay on kernels [I].")
+  clipnorm: float = configs.field(0.0, "Clip the global gradient norm to this; 0 = no clipping [I].")
+  berhu_c: float = configs.field(BERHU_C_FRACTION, "berHu threshold as a fraction of the batch's largest residual "
+                                 "(Laina et al.: 0.2).")
+  max_depth: float = configs.field(0.0, "Test: ground truth beyond this is not scored and predictions are clipped "
+                                   "to it; 0 = no cap (NYU [I]: 10 m).")
+  decoder_upprojections: int = configs.field(3, "FCRN up-projection blocks (3: stride 16 -> 2) [I].")
+  decoder_width: int = configs.field(0, "Channels after the decoder's 1x1 conv; 0 = block-3 channels / 2.")
+  eval_every: int = configs.field(0, "Steps between test evaluations (0: only at the end).")
+  log_every: int = configs.field(50, "Steps between training logs.")
+  seed: int = configs.field(0, "Seed of random init and of the training crops.")
+  progress_bar: bool = configs.field(True, "tqdm bars of training and evaluation.")
+  output_dir: str = configs.field("runs/finetune_depth", "TensorBoard summaries and results.json; reused only by "
+                                  "the same trunk source.")
 
   def __post_init__(self):
     for name in ("train_steps", "batch_size", "eval_batch_size"):
@@ -330,3 +339,24 @@ class DepthTrainer:
     return {**result, "skipped_train_batches": self.skipped_train_batches,
             "final_train": {k: float(v) for k, v in out.items()}, "history": history,
             "eval_lasso_alpha": None if alpha is None else alpha.tolist(), "seconds": time.time() - start}
+
+
+def evaluate(trunk_source_result, data: "depth_data.DepthDataConfig", config: DepthConfig,
+             lasso_l1: Optional[float] = None):
+  """Depth fine-tuning of a trunk (`tf_mtssl.runs.trunk_source.TrunkSource`): its output folder claimed for
+  that source, the network fine-tuned and scored, results.json written. Returns (result, its path)."""
+  from tf_mtssl.evaluation import outputs  # pylint: disable=g-import-not-at-top
+  from tf_mtssl.runs import trunk_source  # pylint: disable=g-import-not-at-top
+  trunk, provenance = trunk_source_result
+  source = data.source()
+  network = DepthNetwork(trunk, num_upprojections=config.decoder_upprojections, width=config.decoder_width,
+                         lasso_l1=lasso_l1, convention=trunk_source.input_convention(provenance))
+  outputs.claim_output_dir(config.output_dir, EVALUATION, provenance)
+  log.info("Depth fine-tuning (paper_spec 7.3) of %s; data %s", trunk_source.describe_source(provenance),
+           source.describe())
+  result = DepthTrainer(network, config).fit(source.train_dataset(seed=config.seed), source.test_dataset(),
+                                             summary_dir=config.output_dir)
+  # Only what was used: the resolved settings, not the binary's flag defaults.
+  result.update(data=source.describe(), config=dataclasses.asdict(config), lasso_l1=lasso_l1,
+                preprocessing=network.convention)
+  return result, outputs.write_results(config.output_dir, EVALUATION, provenance, result)

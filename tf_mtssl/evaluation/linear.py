@@ -38,6 +38,7 @@ import numpy as np
 import tensorflow as tf
 
 from tf_mtssl.core import schedules
+from tf_mtssl.core import configs
 from tf_mtssl.model import lasso as lasso_lib
 from tf_mtssl.evaluation import metrics
 from tf_mtssl.model import preprocessing
@@ -57,27 +58,37 @@ FEATURE_NORMS = ("batchnorm", "none")
 class ProbeConfig:
   """Hyper-parameters of the linear probe (defaults: a short run on the embedded set; the paper
   protocol is flags/linear_imagenet.cfg)."""
-  train_steps: int = 2000
-  batch_size: int = 256
-  eval_batch_size: int = 256
-  learning_rate: float = 0.1                   # paper_spec 7.1 [I]
-  lr_boundaries: Tuple[int, ...] = (1200, 1600)
-  lr_decay: float = 0.1                        # paper_spec 7.1 [I]: 0.1 / 0.01 / 0.001
-  momentum: float = 0.9                        # paper_spec 7.1 [I]
-  weight_decay: float = 0.0                    # L2 on the classifier kernel [I]
-  feature_norm: str = "batchnorm"
-  grid: int = 3                                # paper_spec 7.1
-  image_size: int = 224                        # paper_spec 7.1 [I]
-  crop_fraction: float = 0.875                 # centre crops: resize to size / 0.875 first [I]
-  augment: bool = False
-  cache_features: bool = True
-  lasso_l1: Optional[float] = None             # None: no eval-time lasso
-  preprocessing: str = preprocessing.DEFAULT_CONVENTION  # the trunk's recorded input convention
-  eval_every: int = 0
-  log_every: int = 100
-  seed: int = 0
-  shuffle_buffer: int = 10_000
-  progress_bar: bool = True                    # tqdm bars of feature extraction and training
+  train_steps: int = configs.field(2000, "SGD steps (paper_spec 7.1 [I]: 85000 on ImageNet).")
+  batch_size: int = configs.field(256, "Training batch (paper_spec 7.1 [I]: 256-2048).")
+  eval_batch_size: int = configs.field(256, "Batch of feature extraction and evaluation.")
+  learning_rate: float = configs.field(0.1, "Initial learning rate (paper_spec 7.1 [I]: 0.1).")
+  lr_boundaries: Tuple[int, ...] = configs.field((1200, 1600), "Steps after which the learning rate is "
+                                                 "multiplied by --lr_decay (paper_spec 7.1 [I]: 50000,75000).")
+  lr_decay: float = configs.field(0.1, "Learning-rate factor at each boundary (paper_spec 7.1 [I]).")
+  momentum: float = configs.field(0.9, "SGD momentum (paper_spec 7.1 [I]).")
+  weight_decay: float = configs.field(0.0, "L2 weight on the classifier kernel [I].")
+  feature_norm: str = configs.field("batchnorm", "batchnorm: standardise features by batch norm without affine "
+                                    "before the linear layer [I] (a departure from paper_spec 7.1, because block "
+                                    "3's scale differs by orders of magnitude between trunks; see "
+                                    "flags/linear_imagenet.cfg); none: the paper's plain linear probe on raw "
+                                    "features.", choices=FEATURE_NORMS)
+  grid: int = configs.field(3, "Block 3 is average-pooled to grid x grid (paper_spec 7.1: 3).")
+  image_size: int = configs.field(224, "Side of the crops fed to the trunk (paper_spec 7.1 [I]: 224).")
+  crop_fraction: float = configs.field(0.875, "Centre crops: resize the shorter side to image_size / "
+                                       "crop_fraction, then crop [I].")
+  augment: bool = configs.field(False, "Train on random-resized crops + flips (paper_spec 7.1 [I]); features are "
+                                "then computed every step (no cache).")
+  cache_features: bool = configs.field(True, "Compute the frozen trunk's pooled features once and train the "
+                                       "classifier on them (only without --augment).")
+  lasso_l1: Optional[float] = configs.field(None, "L1 weight of the evaluation's own lasso row; None: no "
+                                            "eval-time lasso (from --lasso/--lasso_l1).")
+  preprocessing: str = configs.field(preprocessing.DEFAULT_CONVENTION, "The trunk's recorded input convention "
+                                     "(from its source).")
+  eval_every: int = configs.field(0, "Steps between evaluations (0: only at the end).")
+  log_every: int = configs.field(100, "Steps between training-loss logs.")
+  seed: int = configs.field(0, "Seed of random init, shuffling and augmentation.")
+  shuffle_buffer: int = configs.field(10_000, "Shuffle buffer of the training images (with --augment).")
+  progress_bar: bool = configs.field(True, "tqdm bars of feature extraction and training.")
 
   def __post_init__(self):
     for name in ("train_steps", "batch_size", "eval_batch_size", "grid", "image_size"):
@@ -400,3 +411,53 @@ class ProbeTrainer:
         "eval_lasso_alpha": None if alpha is None else alpha.tolist(),
         "seconds": time.time() - start,
     }
+
+
+@dataclasses.dataclass(frozen=True)
+class LinearEvalConfig:
+  """What `python -m tf_mtssl.evaluate_linear` evaluates on, and where it writes."""
+  data: str = configs.field("embedded", "Labelled data: 'embedded' (tiny set from the embedded photos), the probe "
+                            "sets 'fashion_mnist' and 'objects', 'tfds:imagenet2012' (prepared in --tfds_data_dir, "
+                            "never downloaded), an ImageFolder root (root/<split>/<label>/*.jpg), or a TFRecord "
+                            "pattern with '{split}' (image/encoded + image/class/label).")
+  tfds_data_dir: Optional[str] = configs.field(None, "tensorflow-datasets data_dir with prepared datasets (None: "
+                                               "the tfds default, ~/tensorflow_datasets).")
+  train_split: str = configs.field("train", "Split the classifier is trained on.")
+  eval_split: str = configs.field("", "Split top-1/top-5 are reported on; empty = the source's validation split "
+                                  "(validation for tfds/TFRecords, val for folders and embedded, test for probe sets).")
+  label_offset: int = configs.field(0, "Subtracted from TFRecord labels (slim ImageNet TFRecords: 1).")
+  num_classes: int = configs.field(0, "Classes of TFRecord data; 0 = scan the training labels once.")
+  output_dir: str = configs.field("runs/eval_linear", "TensorBoard summaries and results.json; reused only by the "
+                                  "same trunk source.")
+
+
+def uses_probe_protocol(source, protocol_requested: bool) -> bool:
+  """Probe sets, kNN, a weight-decay grid or the BN diagnostic run `tf_mtssl.evaluation.probes`."""
+  return source.kind == "probe_set" or protocol_requested
+
+
+def evaluate(trunk_source_result, run: LinearEvalConfig, config: ProbeConfig, protocol=None):
+  """The linear evaluation of a trunk (`tf_mtssl.runs.trunk_source.TrunkSource`): its output folder
+  claimed for that source, the probe (or, with `protocol`, the probes of `tf_mtssl.evaluation.probes`)
+  fitted and evaluated, results.json written. Returns (result, its path, the data source)."""
+  from tf_mtssl.evaluation import outputs, probes  # pylint: disable=g-import-not-at-top
+  trunk, provenance = trunk_source_result
+  source = classification_set.ClassificationSource(
+      run.data, train_split=run.train_split, tfds_data_dir=run.tfds_data_dir, label_offset=run.label_offset,
+      num_classes=run.num_classes, image_size=config.image_size)
+  eval_split = run.eval_split or source.default_eval_split()
+  outputs.claim_output_dir(run.output_dir, EVALUATION, provenance)
+  if protocol is not None or source.kind == "probe_set":
+    protocol = dataclasses.replace(protocol or probes.ProbeProtocol(), train_split=run.train_split,
+                                   test_split=eval_split)
+    result = probes.run_probes(trunk, source, config, protocol)
+    result.update(data=source.describe(), protocol=dataclasses.asdict(protocol), config=dataclasses.asdict(config))
+  else:
+    result = ProbeTrainer(trunk, source.num_classes, config).fit(source, run.train_split, eval_split,
+                                                                 summary_dir=run.output_dir)
+    # Only what was used: the resolved probe settings, not the binary's flag defaults.
+    result.update(data=source.describe(), train_split=run.train_split, eval_split=eval_split,
+                  config=dataclasses.asdict(config))
+    result["top1_se"] = probes.proportion_se(result["top1"], result["num_eval"])
+  result["eval_split"] = eval_split
+  return result, outputs.write_results(run.output_dir, EVALUATION, provenance, result), source

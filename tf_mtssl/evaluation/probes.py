@@ -26,6 +26,7 @@ from typing import Dict, Optional, Sequence, Tuple
 import keras
 import numpy as np
 
+from tf_mtssl.core import configs
 from tf_mtssl.data import classification as classification_set
 from tf_mtssl.evaluation import linear
 
@@ -35,18 +36,24 @@ KNN_KS = (1, 5, 10, 20, 50)                   # [I]; DINO reports k = 20
 KNN_TEMPERATURE = 0.07                        # DINO's weighted kNN
 
 
+BN_IMAGES = 2048
+
+
 @dataclasses.dataclass(frozen=True)
 class ProbeProtocol:
-  probes: Tuple[str, ...] = PROBES
-  weight_decays: Tuple[float, ...] = WEIGHT_DECAYS
-  knn_ks: Tuple[int, ...] = KNN_KS
-  knn_temperature: float = KNN_TEMPERATURE
-  train_split: str = "train"
-  val_split: str = "val"
-  test_split: str = "test"
-  # Diagnostic, off in the study's protocol: batch-norm moving statistics re-estimated on (up to
-  # BN_IMAGES) probe training images first (`reestimate_batchnorm`).
-  reestimate_bn: bool = False
+  """Which probes, with which hyper-parameter grids chosen on the validation split."""
+  probes: Tuple[str, ...] = configs.field(PROBES, f"Probes of {list(PROBES)}: linear (weight decay chosen on "
+                                          "--val_split) and knn (cosine, weighted vote, k chosen on --val_split).")
+  weight_decays: Tuple[float, ...] = configs.field(WEIGHT_DECAYS, "Linear probe: weight decays to choose from on "
+                                                   "--val_split.")
+  knn_ks: Tuple[int, ...] = configs.field(KNN_KS, "kNN probe: k values to choose from on --val_split.")
+  knn_temperature: float = configs.field(KNN_TEMPERATURE, "kNN probe: vote weights exp(cos / T) (DINO: 0.07).")
+  train_split: str = configs.field("train", "Split the probes are fitted on.")
+  val_split: str = configs.field("val", "Split the probes' hyper-parameters are chosen on.")
+  test_split: str = configs.field("test", "Split the probes are reported on.")
+  reestimate_bn: bool = configs.field(False, "Diagnostic, off in the study's protocol: re-estimate the trunk's "
+                                      f"batch-norm moving statistics on up to {BN_IMAGES} probe training images "
+                                      "before probing (`reestimate_batchnorm`).")
 
   def __post_init__(self):
     unknown = sorted(set(self.probes) - set(PROBES))
@@ -132,7 +139,6 @@ def _choose(scores: Dict, prefer_larger: bool = True):
   return max(keys) if prefer_larger else min(keys)
 
 
-BN_IMAGES = 2048
 
 
 def reestimate_batchnorm(trunk: keras.Model, batches, convention: str = "vgg") -> int:

@@ -13,17 +13,38 @@ The provenance names the source (run + checkpoint + step, export + version, trun
 seed + architecture) with a SHA-256 of the weights, so results can be credited to exactly one trunk.
 """
 
+import dataclasses
 import json
 import os
 from typing import Dict, NamedTuple, Optional
 
 import keras
 
+from tf_mtssl.core import configs
 from tf_mtssl.model import preprocessing
 from tf_mtssl.model import trunk as trunk_lib
 from tf_mtssl.runs import checkpoints, exports
 
 INIT_MODES = ("pretrained", "random")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrunkSourceConfig:
+  """Where an evaluation's (or the export's) trunk comes from: the flags every evaluation shares."""
+  init: str = configs.field("pretrained", "pretrained: the trunk of --model_dir or --trunk_keras; random: random "
+                            "weights (the paper's Random Init baseline, paper_spec 7.4), with the architecture of "
+                            "--model_dir if given, else of --depth/--output_stride/--base_width.",
+                            choices=INIT_MODES)
+  model_dir: str = configs.field("", "Pretraining run directory (run_config.json + checkpoints).")
+  checkpoint: str = configs.field("", "Checkpoint prefix in --model_dir (e.g. ckpt-100); empty = the newest readable.")
+  trunk_keras: str = configs.field("", "An exported trunk: a trunk.keras file or an export directory "
+                                   "(python -m tf_mtssl.export_saved_model), instead of --model_dir.")
+
+
+def load(source: TrunkSourceConfig, trunk: Optional[trunk_lib.TrunkConfig] = None, seed: int = 0) -> "TrunkSource":
+  """`load_trunk` from the flag configurations (`trunk`: the architecture of a random init without a run)."""
+  return load_trunk(source.init, model_dir=source.model_dir, checkpoint=source.checkpoint,
+                    trunk_keras=source.trunk_keras, trunk_config=trunk.as_dict() if trunk else None, seed=seed)
 
 
 class TrunkSource(NamedTuple):
