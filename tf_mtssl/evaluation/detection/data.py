@@ -17,6 +17,7 @@ from typing import Dict, List, Optional, Tuple
 
 import tensorflow as tf
 
+from tf_mtssl.core import configs
 from tf_mtssl.model import preprocessing
 from tf_mtssl.data import sources
 from tf_mtssl.data import detection as detection_set
@@ -24,21 +25,19 @@ from tf_mtssl.data import detection as detection_set
 _AUTOTUNE = tf.data.AUTOTUNE
 
 
-def _field(default, help_text: str):
-  return dataclasses.field(default=default, metadata={"help": help_text})
 
 
 @dataclasses.dataclass(frozen=True)
 class InputConfig:
   """Resizing and batching (paper_spec 7.2 [I]: shorter side 600, longer at most 1000). Every field is
   a flag of `tf_mtssl.finetune_detection`."""
-  min_side: int = _field(600, "Images are resized so their shorter side is this (paper_spec 7.2 [I]) ...")
-  max_side: int = _field(1000, "... unless the longer side would exceed this (py-faster-rcnn).")
-  batch_size: int = _field(1, "Images per training step (py-faster-rcnn: 1); also the test batch.")
-  max_boxes: int = _field(64, "Ground-truth boxes padded to this per training image (VOC07: <= 42).")
-  flip: bool = _field(True, "Random horizontal flips in training.")
-  train_use_difficult: bool = _field(False, "Train on VOC 'difficult' objects too (py-faster-rcnn: no).")
-  preprocessing: str = _field(preprocessing.DEFAULT_CONVENTION,
+  min_side: int = configs.field(600, "Images are resized so their shorter side is this (paper_spec 7.2 [I]) ...")
+  max_side: int = configs.field(1000, "... unless the longer side would exceed this (py-faster-rcnn).")
+  batch_size: int = configs.field(1, "Images per training step (py-faster-rcnn: 1); also the test batch.")
+  max_boxes: int = configs.field(64, "Ground-truth boxes padded to this per training image (VOC07: <= 42).")
+  flip: bool = configs.field(True, "Random horizontal flips in training.")
+  train_use_difficult: bool = configs.field(False, "Train on VOC 'difficult' objects too (py-faster-rcnn: no).")
+  preprocessing: str = configs.field(preprocessing.DEFAULT_CONVENTION,
                               "The trunk's input convention (`tf_mtssl.model.preprocessing`), from its source: "
                               "recorded with the run, never a flag.")
 

@@ -25,6 +25,7 @@ import keras
 from keras import layers
 import tensorflow as tf
 
+from tf_mtssl.core import configs
 from tf_mtssl.model import trunk as trunk_lib
 from tf_mtssl.evaluation import common
 from tf_mtssl.evaluation.detection import box_ops
@@ -33,8 +34,6 @@ from tf_mtssl.evaluation.detection import targets as targets_lib
 TRUNK_BN_MODES = ("train", "frozen")
 
 
-def _field(default, help_text: str):
-  return dataclasses.field(default=default, metadata={"help": help_text})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,36 +41,36 @@ class DetectorConfig:
   """Architecture and target-assignment settings. Defaults: py-faster-rcnn / Detectron VOC recipe
   at shorter side 600 (paper_spec 7.2 [I]). Every field (but num_classes) is a flag of
   `tf_mtssl.finetune_detection`."""
-  num_classes: int = _field(20, "Object classes (from the data).")
-  anchor_scales: Tuple[float, ...] = _field(
+  num_classes: int = configs.field(20, "Object classes (from the data).")
+  anchor_scales: Tuple[float, ...] = configs.field(
       (128.0, 256.0, 512.0), "Anchor sides in pixels (py-faster-rcnn at shorter side 600).")
-  anchor_ratios: Tuple[float, ...] = _field((0.5, 1.0, 2.0), "Anchor aspect ratios (height / width).")
-  rpn_channels: int = _field(512, "Channels of the RPN's 3x3 conv (py-faster-rcnn).")
-  rpn_positive_iou: float = _field(0.7, "Anchors with IoU >= this are RPN positives.")
-  rpn_negative_iou: float = _field(0.3, "Anchors with best IoU < this are RPN negatives.")
-  rpn_batch_per_image: int = _field(256, "Anchors sampled per image for the RPN loss.")
-  rpn_positive_fraction: float = _field(0.5, "Largest fraction of positives among sampled anchors.")
-  rpn_nms_iou: float = _field(0.7, "NMS IoU threshold of the proposals.")
-  rpn_pre_nms_train: int = _field(12000, "Top-scoring anchors kept before NMS in training.")
-  rpn_post_nms_train: int = _field(2000, "Proposals kept after NMS in training.")
-  rpn_pre_nms_test: int = _field(6000, "Top-scoring anchors kept before NMS at test time.")
-  rpn_post_nms_test: int = _field(300, "Proposals kept after NMS at test time.")
-  rpn_box_beta: float = _field(1.0 / 9.0, "Smooth-L1 beta of the RPN box loss (py-faster-rcnn sigma 3).")
-  roi_batch_per_image: int = _field(512, "RoIs sampled per image for the second stage.")
-  roi_fg_fraction: float = _field(0.25, "Largest fraction of foreground RoIs.")
-  roi_fg_iou: float = _field(0.5, "RoIs with IoU >= this are foreground; below, background.")
-  roi_bg_iou_low: float = _field(0.0, "Lowest IoU of background RoIs (Detectron 0.0; py-faster-rcnn 0.1).")
-  rcnn_box_beta: float = _field(1.0, "Smooth-L1 beta of the second-stage box loss.")
-  box_weights: Tuple[float, ...] = _field(
+  anchor_ratios: Tuple[float, ...] = configs.field((0.5, 1.0, 2.0), "Anchor aspect ratios (height / width).")
+  rpn_channels: int = configs.field(512, "Channels of the RPN's 3x3 conv (py-faster-rcnn).")
+  rpn_positive_iou: float = configs.field(0.7, "Anchors with IoU >= this are RPN positives.")
+  rpn_negative_iou: float = configs.field(0.3, "Anchors with best IoU < this are RPN negatives.")
+  rpn_batch_per_image: int = configs.field(256, "Anchors sampled per image for the RPN loss.")
+  rpn_positive_fraction: float = configs.field(0.5, "Largest fraction of positives among sampled anchors.")
+  rpn_nms_iou: float = configs.field(0.7, "NMS IoU threshold of the proposals.")
+  rpn_pre_nms_train: int = configs.field(12000, "Top-scoring anchors kept before NMS in training.")
+  rpn_post_nms_train: int = configs.field(2000, "Proposals kept after NMS in training.")
+  rpn_pre_nms_test: int = configs.field(6000, "Top-scoring anchors kept before NMS at test time.")
+  rpn_post_nms_test: int = configs.field(300, "Proposals kept after NMS at test time.")
+  rpn_box_beta: float = configs.field(1.0 / 9.0, "Smooth-L1 beta of the RPN box loss (py-faster-rcnn sigma 3).")
+  roi_batch_per_image: int = configs.field(512, "RoIs sampled per image for the second stage.")
+  roi_fg_fraction: float = configs.field(0.25, "Largest fraction of foreground RoIs.")
+  roi_fg_iou: float = configs.field(0.5, "RoIs with IoU >= this are foreground; below, background.")
+  roi_bg_iou_low: float = configs.field(0.0, "Lowest IoU of background RoIs (Detectron 0.0; py-faster-rcnn 0.1).")
+  rcnn_box_beta: float = configs.field(1.0, "Smooth-L1 beta of the second-stage box loss.")
+  box_weights: Tuple[float, ...] = configs.field(
       (10.0, 10.0, 5.0, 5.0), "Second-stage box-delta weights (y, x, h, w) (py-faster-rcnn, Detectron).")
-  crop_size: int = _field(14, "RoI crop side before the 2x2 max-pool (TF OD API: 14 -> 7x7).")
-  test_score_threshold: float = _field(0.05, "Detections scoring below this are dropped at test time.")
-  test_nms_iou: float = _field(0.3, "Per-class NMS IoU threshold at test time (py-faster-rcnn VOC).")
-  max_detections: int = _field(100, "Detections kept per image at test time.")
-  trunk_bn: str = _field("frozen", "Trunk batch norm while fine-tuning: 'frozen' (moving statistics "
+  crop_size: int = configs.field(14, "RoI crop side before the 2x2 max-pool (TF OD API: 14 -> 7x7).")
+  test_score_threshold: float = configs.field(0.05, "Detections scoring below this are dropped at test time.")
+  test_nms_iou: float = configs.field(0.3, "Per-class NMS IoU threshold at test time (py-faster-rcnn VOC).")
+  max_detections: int = configs.field(100, "Detections kept per image at test time.")
+  trunk_bn: str = configs.field("frozen", "Trunk batch norm while fine-tuning: 'frozen' (moving statistics "
                          "used, gamma/beta fixed: py-faster-rcnn, Detectron, TF OD API) or 'train' "
                          "(batch statistics, gamma/beta trained); see FasterRCNN.")
-  bn_momentum: float = _field(0.997, "Moving-average decay of every BN layer of the detector "
+  bn_momentum: float = configs.field(0.997, "Moving-average decay of every BN layer of the detector "
                               "(slim's 0.997; smaller for short runs).")
 
   def __post_init__(self):

@@ -19,6 +19,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from tf_mtssl.core import configs
 from tf_mtssl.core import schedules
 from tf_mtssl.runs import checkpoints
 from tf_mtssl.evaluation import metrics
@@ -34,8 +35,6 @@ RESULTS_FILE = outputs.RESULTS_FILE
 EVALUATION = "detection"
 
 
-def _field(default, help_text: str):
-  return dataclasses.field(default=default, metadata={"help": help_text})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,22 +42,22 @@ class FinetuneConfig:
   """Optimisation and bookkeeping. Defaults: the VOC07 recipe of paper_spec 7.2 [I] (py-faster-rcnn's
   VOC07 schedule: lr 1e-3 for 50K iterations then 1e-4 to 70K, momentum 0.9). Every field is a flag
   of `tf_mtssl.finetune_detection`."""
-  train_steps: int = _field(70000, "Training steps (paper_spec 7.2 [I]: 50-70K).")
-  learning_rate: float = _field(1e-3, "SGD learning rate before the decays (paper_spec 7.2 [I]).")
-  lr_decay_steps: Tuple[int, ...] = _field((50000,), "Steps at which the learning rate is multiplied "
+  train_steps: int = configs.field(70000, "Training steps (paper_spec 7.2 [I]: 50-70K).")
+  learning_rate: float = configs.field(1e-3, "SGD learning rate before the decays (paper_spec 7.2 [I]).")
+  lr_decay_steps: Tuple[int, ...] = configs.field((50000,), "Steps at which the learning rate is multiplied "
                                            "by lr_decay_factor.")
-  lr_decay_factor: float = _field(0.1, "Learning-rate decay factor (1e-3 -> 1e-4).")
-  warmup_steps: int = _field(100, "[I] Linear warm-up from lr / 3 (Detectron), for random-init trunks.")
-  momentum: float = _field(0.9, "SGD momentum (paper_spec 7.2 [I]).")
-  weight_decay: float = _field(1e-4, "[I] L2 weight decay on conv/dense kernels (Detectron's ResNet value).")
-  seed: int = _field(0, "Seed of initialisation, input order, flips and anchor/RoI sampling.")
-  log_every: int = _field(20, "Steps between loss summaries and log lines.")
-  checkpoint_every: int = _field(1000, "Steps between checkpoints.")
-  keep_checkpoints: int = _field(3, "Checkpoints kept in output_dir.")
-  eval_every: int = _field(0, "Steps between test-set evaluations (0: only at the end).")
-  summary_images: int = _field(4, "Test images with their predicted boxes written to TensorBoard.")
-  use_07_metric: bool = _field(True, "VOC2007 11-point AP (paper_spec 7.2); false: VOC2010+ area AP.")
-  progress_bar: bool = _field(True, "Show progress bars (step, loss, rate, ETA) on stderr.")
+  lr_decay_factor: float = configs.field(0.1, "Learning-rate decay factor (1e-3 -> 1e-4).")
+  warmup_steps: int = configs.field(100, "[I] Linear warm-up from lr / 3 (Detectron), for random-init trunks.")
+  momentum: float = configs.field(0.9, "SGD momentum (paper_spec 7.2 [I]).")
+  weight_decay: float = configs.field(1e-4, "[I] L2 weight decay on conv/dense kernels (Detectron's ResNet value).")
+  seed: int = configs.field(0, "Seed of initialisation, input order, flips and anchor/RoI sampling.")
+  log_every: int = configs.field(20, "Steps between loss summaries and log lines.")
+  checkpoint_every: int = configs.field(1000, "Steps between checkpoints.")
+  keep_checkpoints: int = configs.field(3, "Checkpoints kept in output_dir.")
+  eval_every: int = configs.field(0, "Steps between test-set evaluations (0: only at the end).")
+  summary_images: int = configs.field(4, "Test images with their predicted boxes written to TensorBoard.")
+  use_07_metric: bool = configs.field(True, "VOC2007 11-point AP (paper_spec 7.2); false: VOC2010+ area AP.")
+  progress_bar: bool = configs.field(True, "Show progress bars (step, loss, rate, ETA) on stderr.")
 
   def __post_init__(self):
     for name in ("train_steps", "log_every", "checkpoint_every", "keep_checkpoints"):
@@ -287,3 +286,18 @@ def finetune(detector: FasterRCNN, train_ds: tf.data.Dataset, eval_ds: Optional[
   return summary
 
 
+@dataclasses.dataclass(frozen=True)
+class DetectionRunConfig:
+  """What `python -m tf_mtssl.finetune_detection` trains and tests on, and where it writes."""
+  data: str = configs.field("embedded", "'tfds:voc/2007' (prepared in --tfds_data_dir, never downloaded) or "
+                            "'embedded' (the embedded detection set).")
+  tfds_data_dir: Optional[str] = configs.field(None, "tensorflow-datasets data_dir holding prepared datasets.")
+  train_split: str = configs.field("", "Training split; empty: train+validation (VOC07 trainval) for tfds, "
+                                   "train for the embedded set.")
+  test_split: str = configs.field("test", "Evaluation split.")
+  eval_max_images: int = configs.field(0, "Evaluate on the first N test images only (0: all).")
+  output_dir: str = configs.field("runs/detection", "Checkpoints, TensorBoard logs, results.json; resumed only by "
+                                  "the same trunk source.")
+
+  def resolved_train_split(self) -> str:
+    return self.train_split or ("train" if self.data == "embedded" else "train+validation")
