@@ -78,7 +78,7 @@ def _synthetic_mask_shard() -> str:
   import numpy as np
   import skimage.data
   import tensorflow as tf
-  from tf_mtssl.data import motion_masks
+  from tf_mtssl.data import motion_mask_records
   folder = tempfile.mkdtemp(prefix="bench_masks_")
   with tf.io.TFRecordWriter(os.path.join(folder, "photos-00000-of-00001.tfrecord")) as writer:
     for index, name in enumerate(("astronaut", "coffee", "chelsea", "rocket")):
@@ -86,7 +86,7 @@ def _synthetic_mask_shard() -> str:
       mask = np.zeros(rgb.shape[:2], np.uint8)
       h, w = mask.shape
       mask[h // 4:3 * h // 4, w // 4:3 * w // 4] = 255
-      writer.write(motion_masks.make_example(rgb[..., ::-1].copy(), mask, name, index).SerializeToString())
+      writer.write(motion_mask_records.make_example(rgb[..., ::-1].copy(), mask, name, index).SerializeToString())
   return folder
 
 

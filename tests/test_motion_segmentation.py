@@ -3,7 +3,7 @@ import pytest
 import tensorflow as tf
 
 from tests import helpers
-from tf_mtssl.data import motion_masks
+from tf_mtssl.data import motion_mask_records
 from tf_mtssl.tasks import motion_segmentation as ms
 
 
@@ -17,7 +17,7 @@ def write_shard(path, n=4, size=(72, 96), corrupt_every=0):
       y, x = rng.integers(5, 30), rng.integers(5, 50)
       mask[y:y + 30, x:x + 36] = 255
       frame[mask > 0] = (0, 0, 255)  # red in BGR
-      w.write(motion_masks.make_example(frame, mask, "synthetic", i).SerializeToString())
+      w.write(motion_mask_records.make_example(frame, mask, "synthetic", i).SerializeToString())
       if corrupt_every and i % corrupt_every == 0:
         w.write(b"this is not a tf.train.Example")
   return str(path)

@@ -11,6 +11,7 @@ import pytest
 import tensorflow as tf
 
 from tf_mtssl.data import embedded
+from tf_mtssl.data import motion_mask_records
 from tf_mtssl.data import motion_masks
 from tf_mtssl.data import prepare as prep
 
@@ -64,11 +65,11 @@ def test_contents_and_manifest(prepared, monkeypatch):
   assert set(done["videos"]) == {"bikes", "carphone_pristine"} | (
       {"vtest", "tree", "kphotoalbum_movie"} if HAVE_APT else set())
   assert done["options"]["max_frames"] == prep.EMBEDDED_MASK_MAX_FRAMES
-  shards = motion_masks.list_shards(str(embedded.motion_masks_dir()))
+  shards = motion_mask_records.list_shards(str(embedded.motion_masks_dir()))
   assert {f"motion_masks/{pathlib.Path(s).name}" for s in shards} <= paths
   count = 0
   for serialized in tf.data.TFRecordDataset(shards):
-    parsed = motion_masks.parse_example(serialized)
+    parsed = motion_mask_records.parse_example(serialized)
     assert parsed["image"].shape[:2] == parsed["mask"].shape[:2] and min(parsed["image"].shape[:2]) <= 256
     count += 1
   assert count == sum(v["kept"] for v in done["videos"].values()) >= (200 if HAVE_APT else 40)

@@ -12,39 +12,29 @@ from tf_mtssl.core import quiet  # noqa: F401  (first: silences TensorFlow's sta
 
 import os
 
-from absl import app, flags
+from absl import app
 
-from tf_mtssl.serving import export as export_lib
-from tf_mtssl import cli as flag_utils
+from tf_mtssl import cli
+from tf_mtssl.runs import exports
+from tf_mtssl.serving import export
 
-FLAGS = flags.FLAGS
-
-flags.DEFINE_string("model_dir", "runs/pretrain", "Pretraining run directory (python -m tf_mtssl.pretrain "
-                    "--model_dir): run_config.json and checkpoints.")
-flags.DEFINE_string("export_dir", "exports/tf_mtssl", "Export base directory; each export adds the next "
-                    "integer version directory (what TF Serving's --model_base_path points to).")
-flags.DEFINE_string("checkpoint", "", "Checkpoint prefix to export (absolute, or relative to --model_dir, "
-                    "e.g. ckpt-10); empty: the latest.")
-flags.DEFINE_integer("image_size", export_lib.DEFAULT_IMAGE_SIZE,
-                     "Side of the square the serving_default signature resizes decoded images to (centre "
-                     "square crop keeping the aspect ratio, then resize); paper_spec 7.1 [I]: 224.")
-flags.DEFINE_boolean("export_units", False, "Also output every block-3 unit (unit_01 ...) from the "
-                     "image_tensor signature, for lasso users (paper_spec 5).")
+cli.define_flags(export.ExportConfig)
 
 
 def main(argv):
   if len(argv) > 1:
     raise ValueError(f"Unexpected arguments {argv[1:]}")
-  version, path = export_lib.export_run(FLAGS.model_dir, FLAGS.export_dir, checkpoint=FLAGS.checkpoint or None,
-                                        image_size=FLAGS.image_size, export_units=FLAGS.export_units)
-  meta = export_lib.read_metadata(path)
+  config = cli.config_from_flags(export.ExportConfig)
+  version, path = export.export_run(config.model_dir, config.export_dir, checkpoint=config.checkpoint or None,
+                                    image_size=config.image_size, export_units=config.export_units)
+  meta = exports.read_metadata(path)
   print(f"Exported {meta['checkpoint']} as version {version}: {os.path.abspath(path)}")
   for name, sig in sorted(meta["signatures"].items()):
     inputs = ", ".join(f"{k} {v['dtype']} {v['shape']}" for k, v in sig["inputs"].items())
     print(f"  signature {name}({inputs}) -> {', '.join(sorted(sig['outputs']))}")
   print(f"  Keras trunk:  {os.path.join(os.path.abspath(path), meta['keras_file'])}")
-  print(f"  Metadata:     {os.path.join(os.path.abspath(path), export_lib.EXTRA_DIR, export_lib.METADATA_FILE)}")
+  print(f"  Metadata:     {os.path.join(os.path.abspath(path), exports.EXTRA_DIR, exports.METADATA_FILE)}")
 
 
 if __name__ == "__main__":
-  app.run(flag_utils.run_main(main))
+  app.run(cli.run_main(main))

@@ -50,17 +50,9 @@ import numpy as np
 import tensorflow as tf
 from tqdm import tqdm
 
-from tf_mtssl.core import files
+from tf_mtssl.core import configs, files
+from tf_mtssl.data.motion_mask_records import make_example
 
-# tf.train.Example feature names.
-IMAGE_KEY = "image/encoded"  # JPEG bytes of the frame (RGB)
-MASK_KEY = "mask/encoded"  # 1-channel PNG, same size as the frame, 0 = static, 255 = moving
-VIDEO_ID_KEY = "video/id"  # bytes
-FRAME_INDEX_KEY = "video/frame_index"  # int64, 0-based index of the frame in the source video
-HEIGHT_KEY = "image/height"  # int64
-WIDTH_KEY = "image/width"  # int64
-
-SHARD_PATTERN = "*.tfrecord"  # what the ms task globs in the output folder
 DONE_FILE = "done.json"
 VIDEO_EXTENSIONS = (".avi", ".mp4", ".mkv", ".mov", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv", ".flv")
 DIS_PRESETS = {"ultrafast": cv2.DISOPTICAL_FLOW_PRESET_ULTRAFAST, "fast": cv2.DISOPTICAL_FLOW_PRESET_FAST,
@@ -71,42 +63,26 @@ DROP_REASONS = ("too_little_motion", "too_much_motion", "camera_fit_failed")
 @dataclasses.dataclass(frozen=True)
 class MaskOptions:
   """Settings of the mask generator (all inferred choices, see the module docstring)."""
-  short_side: int = dataclasses.field(default=256, metadata={
-      "help": "Frames are resized so the shorter side is this many pixels (never up-scaled); "
-              "masks and stored frames have this size. 0 = native size."})
-  frame_step: int = dataclasses.field(default=2, metadata={
-      "help": "One target frame every N frames (neighbouring frames are near-duplicates)."})
-  flow_gap: int = dataclasses.field(default=2, metadata={
-      "help": "Flow is computed from frame t to t-gap and t+gap (temporal consistency over both)."})
-  flow_preset: str = dataclasses.field(default="fast", metadata={
-      "help": f"OpenCV DIS optical-flow preset, one of {sorted(DIS_PRESETS)}."})
-  flow_size: int = dataclasses.field(default=128, metadata={
-      "help": "Shorter side (pixels) of the finest level DIS computes flow at: its finest pyramid scale "
-              "is chosen per video as the nearest power of two from the working size (DIS presets stop "
-              "at 1/4 or 1/2 resolution, too coarse for small objects)."})
-  ransac_threshold: float = dataclasses.field(default=1.0, metadata={
-      "help": "RANSAC reprojection threshold (pixels) of the camera-motion homography."})
-  min_inlier_fraction: float = dataclasses.field(default=0.6, metadata={
-      "help": "Frames whose homography explains fewer flow vectors than this fraction are dropped."})
-  min_motion: float = dataclasses.field(default=1.0, metadata={
-      "help": "Floor of the adaptive threshold on residual motion, in pixels at the working size."})
-  mad_k: float = dataclasses.field(default=5.0, metadata={
-      "help": "Adaptive threshold: median + mad_k * 1.4826 * MAD of the residual motion."})
-  morph_fraction: float = dataclasses.field(default=0.015, metadata={
-      "help": "Morphological opening/closing kernel size as a fraction of the shorter side."})
-  min_component_fraction: float = dataclasses.field(default=0.002, metadata={
-      "help": "Moving blobs smaller than this fraction of the image are removed."})
-  min_mask_fraction: float = dataclasses.field(default=0.005, metadata={
-      "help": "Frames whose mask covers less than this fraction of the image are dropped."})
-  max_mask_fraction: float = dataclasses.field(default=0.5, metadata={
-      "help": "Frames whose mask covers more than this fraction of the image are dropped."})
-  max_frames: int = dataclasses.field(default=0, metadata={
-      "help": "Read at most this many frames per video (0 = all)."})
-  jpeg_quality: int = dataclasses.field(default=95, metadata={"help": "JPEG quality of stored frames."})
-  examples_per_shard: int = dataclasses.field(default=1000, metadata={
-      "help": "At most this many examples per TFRecord shard (shards are per video)."})
-  keep_truncated: bool = dataclasses.field(default=False, metadata={
-      "help": "Keep the masks of videos that end before their declared length (default: skip them)."})
+  short_side: int = configs.field(256, "Frames are resized so the shorter side is this many pixels (never up-scaled); "
+                                  "masks and stored frames have this size. 0 = native size.")
+  frame_step: int = configs.field(2, "One target frame every N frames (neighbouring frames are near-duplicates).")
+  flow_gap: int = configs.field(2, "Flow is computed from frame t to t-gap and t+gap (temporal consistency over both).")
+  flow_preset: str = configs.field("fast", f"OpenCV DIS optical-flow preset, one of {sorted(DIS_PRESETS)}.")
+  flow_size: int = configs.field(128, "Shorter side (pixels) of the finest level DIS computes flow at: its finest pyramid scale "
+                                  "is chosen per video as the nearest power of two from the working size (DIS presets stop "
+                                  "at 1/4 or 1/2 resolution, too coarse for small objects).")
+  ransac_threshold: float = configs.field(1.0, "RANSAC reprojection threshold (pixels) of the camera-motion homography.")
+  min_inlier_fraction: float = configs.field(0.6, "Frames whose homography explains fewer flow vectors than this fraction are dropped.")
+  min_motion: float = configs.field(1.0, "Floor of the adaptive threshold on residual motion, in pixels at the working size.")
+  mad_k: float = configs.field(5.0, "Adaptive threshold: median + mad_k * 1.4826 * MAD of the residual motion.")
+  morph_fraction: float = configs.field(0.015, "Morphological opening/closing kernel size as a fraction of the shorter side.")
+  min_component_fraction: float = configs.field(0.002, "Moving blobs smaller than this fraction of the image are removed.")
+  min_mask_fraction: float = configs.field(0.005, "Frames whose mask covers less than this fraction of the image are dropped.")
+  max_mask_fraction: float = configs.field(0.5, "Frames whose mask covers more than this fraction of the image are dropped.")
+  max_frames: int = configs.field(0, "Read at most this many frames per video (0 = all).")
+  jpeg_quality: int = configs.field(95, "JPEG quality of stored frames.")
+  examples_per_shard: int = configs.field(1000, "At most this many examples per TFRecord shard (shards are per video).")
+  keep_truncated: bool = configs.field(False, "Keep the masks of videos that end before their declared length (default: skip them).")
 
   def __post_init__(self):
     if self.flow_preset not in DIS_PRESETS:
@@ -126,30 +102,16 @@ class MaskOptions:
       raise ValueError(f"jpeg_quality must be in [1, 100], got {self.jpeg_quality}")
 
 
-# ---------------------------------------------------------------------------------------------------
-# Reading the records.
-
-
-def parse_example(serialized: tf.Tensor) -> Dict[str, tf.Tensor]:
-  """Serialized tf.train.Example -> {"image": uint8 [H, W, 3], "mask": uint8 [H, W, 1]} (mask 0/255)."""
-  features = tf.io.parse_single_example(serialized, {
-      IMAGE_KEY: tf.io.FixedLenFeature([], tf.string),
-      MASK_KEY: tf.io.FixedLenFeature([], tf.string),
-  })
-  image = tf.io.decode_jpeg(features[IMAGE_KEY], channels=3)
-  mask = tf.io.decode_png(features[MASK_KEY], channels=1)
-  image.set_shape([None, None, 3])
-  mask.set_shape([None, None, 1])
-  return {"image": image, "mask": mask}
-
-
-def list_shards(folder: str) -> List[str]:
-  """Finished shards in a mask folder (temporary files of an unfinished run are not matched)."""
-  files = sorted(glob.glob(os.path.join(folder, SHARD_PATTERN)))
-  if not files:
-    raise FileNotFoundError(f"No motion-mask shards ({SHARD_PATTERN}) in {folder}; run "
-                            "`python -m tf_mtssl.make_motion_masks` (or python -m tf_mtssl.prepare_embedded).")
-  return files
+@dataclasses.dataclass(frozen=True)
+class GenerationConfig:
+  """Which videos, written where (`generate`'s arguments besides the options)."""
+  videos: str = configs.field("data/embedded/videos", "A video file, a folder (searched recursively) or a glob of "
+                              "video files.")
+  output_dir: str = configs.field("data/motion_masks", "Folder for the TFRecord shards and done.json.")
+  resume: bool = configs.field(False, "Skip videos already finished in --output_dir (listed in done.json).")
+  debug_dir: str = configs.field("", "If set, overlays (mask in red | residual motion) are written here.")
+  debug_every: int = configs.field(25, "Write a debug overlay every this many target frames per video.")
+  progress: bool = configs.field(True, "Show a progress bar per video.")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -349,28 +311,6 @@ def read_frames(path: pathlib.Path, opts: MaskOptions, stats: Dict) -> Iterator[
   expected = min(stats["declared"], opts.max_frames) if opts.max_frames else stats["declared"]
   if stats["read"] < expected - 1 and not opts.keep_truncated:  # -1: containers often over-count by one
     raise VideoError(f"truncated (decoded {stats['read']} of {stats['declared']} declared frames)")
-
-
-def _encode(ext: str, image: np.ndarray, params=()) -> bytes:
-  ok, data = cv2.imencode(ext, image, list(params))
-  if not ok:
-    raise ValueError(f"Encoding a frame as {ext} failed")
-  return data.tobytes()
-
-
-def make_example(frame_bgr: np.ndarray, mask: np.ndarray, video_id: str, frame_index: int,
-                 jpeg_quality: int = 95) -> tf.train.Example:
-  """The tf.train.Example of one frame and its 0/255 mask."""
-  feature = {
-      IMAGE_KEY: tf.train.Feature(bytes_list=tf.train.BytesList(value=[
-          _encode(".jpg", frame_bgr, (cv2.IMWRITE_JPEG_QUALITY, jpeg_quality))])),
-      MASK_KEY: tf.train.Feature(bytes_list=tf.train.BytesList(value=[_encode(".png", mask)])),
-      VIDEO_ID_KEY: tf.train.Feature(bytes_list=tf.train.BytesList(value=[video_id.encode()])),
-      FRAME_INDEX_KEY: tf.train.Feature(int64_list=tf.train.Int64List(value=[frame_index])),
-      HEIGHT_KEY: tf.train.Feature(int64_list=tf.train.Int64List(value=[frame_bgr.shape[0]])),
-      WIDTH_KEY: tf.train.Feature(int64_list=tf.train.Int64List(value=[frame_bgr.shape[1]])),
-  }
-  return tf.train.Example(features=tf.train.Features(feature=feature))
 
 
 class _ShardWriter:

@@ -23,6 +23,7 @@ kernel, paper_spec 2.1), so one checkpoint imports at 8, 16 or 32.
 """
 
 import collections
+import dataclasses
 import os
 import re
 import shutil
@@ -34,6 +35,7 @@ import numpy as np
 import tensorflow as tf
 from keras import layers
 
+from tf_mtssl.core import configs
 from tf_mtssl.runs import checkpoints
 from tf_mtssl.model import preprocessing
 from tf_mtssl.model import trunk as trunk_lib
@@ -45,6 +47,31 @@ _UNIT_NAME = re.compile(r"block(\d+)/unit_(\d+)/bottleneck_v2/")
 _ROOT_MARK = "/conv1/weights"
 _FIRST_UNIT_MARK = "/block1/unit_1/bottleneck_v2/conv1/weights"
 
+
+
+@dataclasses.dataclass(frozen=True)
+class ImportConfig:
+  """`python -m tf_mtssl.import_checkpoint`: which slim checkpoint, imported how, written where."""
+  slim_checkpoint: str = configs.field("", "tf-slim ResNet-v2 checkpoint: a prefix (model.ckpt-N, resnet_v2_101.ckpt) "
+                                       "or a directory (its latest checkpoint). Required.")
+  model_dir: str = configs.field("", "New run directory to write (must not exist or be empty). Required.")
+  depth: int = configs.field(101, "ResNet-v2 depth of the checkpoint (paper_spec 2.1: 101); must match its units.",
+                             choices=sorted(trunk_lib.UNITS_PER_BLOCK))
+  output_stride: int = configs.field(16, "Output stride the imported trunk runs at (paper_spec 2.1: 16; the "
+                                     "released model was run at 32 in its README). No weight depends on it.",
+                                     choices=trunk_lib.VALID_OUTPUT_STRIDES)
+  preprocessing: str = configs.field(preprocessing.VGG, "Input convention the checkpoint was trained with, recorded "
+                                     "and applied by every consumer: vgg = "
+                                     + preprocessing.INPUT_CONVENTIONS[preprocessing.VGG] + ", the multiself "
+                                     "model; inception = " + preprocessing.INPUT_CONVENTIONS[preprocessing.INCEPTION]
+                                     + ".", choices=sorted(preprocessing.INPUT_CONVENTIONS))
+  scope: str = configs.field("", "Slim scope of the network (e.g. resnet_v2_101); empty = the only ResNet-v2 "
+                             "scope in the checkpoint.")
+
+  def __post_init__(self):
+    missing = [f"--{n}" for n in ("slim_checkpoint", "model_dir") if not getattr(self, n)]
+    if missing:
+      raise ValueError(f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} required")
 
 def slim_variable_names(layer_name: str, layer: keras.layers.Layer, scope: str) -> List[str]:
   """The slim variable names of one trunk layer's weights, in the order of `layer.weights`."""

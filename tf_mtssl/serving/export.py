@@ -31,6 +31,7 @@ The same functions are attributes of the loaded object (`loaded.image_tensor(ima
 `keras.layers.TFSMLayer(path, call_endpoint="image_tensor")` calls.
 """
 
+import dataclasses
 import datetime
 import json
 import os
@@ -42,6 +43,7 @@ from typing import Dict, List, Optional, Tuple
 import keras
 import tensorflow as tf
 
+from tf_mtssl.core import configs
 from tf_mtssl.model import pooling, preprocessing
 from tf_mtssl.runs import checkpoints, exports, trunk_source
 from tf_mtssl.runs.exports import EXTRA_DIR, INPUT_CONVENTION_KEY, KERAS_FILE, METADATA_FILE
@@ -192,6 +194,22 @@ def export_trunk(trunk: keras.Model, export_dir: str, image_size: int = DEFAULT_
     raise RuntimeError(f"Could not claim a version number under {export_dir} after {max_attempts} tries")
   finally:
     shutil.rmtree(tmp, ignore_errors=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportConfig:
+  """`python -m tf_mtssl.export_saved_model`: which run's trunk, exported where and how."""
+  model_dir: str = configs.field("runs/pretrain", "Pretraining run directory (python -m tf_mtssl.pretrain "
+                                 "--model_dir): run_config.json and checkpoints.")
+  export_dir: str = configs.field("exports/tf_mtssl", "Export base directory; each export adds the next integer "
+                                  "version directory (what TF Serving's --model_base_path points to).")
+  checkpoint: str = configs.field("", "Checkpoint prefix to export (absolute, or relative to --model_dir, e.g. "
+                                  "ckpt-10); empty: the newest readable.")
+  image_size: int = configs.field(DEFAULT_IMAGE_SIZE, "Side of the square the serving_default signature resizes "
+                                  "decoded images to (centre square crop keeping the aspect ratio, then resize); "
+                                  "paper_spec 7.1 [I]: 224.")
+  export_units: bool = configs.field(False, "Also output every block-3 unit (unit_01 ...) from the image_tensor "
+                                     "signature, for lasso users (paper_spec 5).")
 
 
 def export_run(model_dir: str, export_dir: str, checkpoint: Optional[str] = None,

@@ -23,7 +23,7 @@ import keras
 import tensorflow as tf
 from keras import layers
 
-from tf_mtssl.data import motion_masks
+from tf_mtssl.data import motion_mask_records
 from tf_mtssl.model import preprocessing
 from tf_mtssl.data import embedded, sources
 from tf_mtssl.data.sources import NUM_CORRUPT_KEY
@@ -48,11 +48,11 @@ _MASKS_HOWTO = ("ms reads motion-mask TFRecords made from videos by `python -m t
 def mask_shards(data: str):
   """Shard files of a mask source spec ('embedded', a folder of shards, a file or glob)."""
   if data == "embedded":
-    return motion_masks.list_shards(str(embedded.require(embedded.motion_masks_dir())))
+    return motion_mask_records.list_shards(str(embedded.require(embedded.motion_masks_dir())))
   if data.startswith("tfds:"):
     raise ValueError(f"{_MASKS_HOWTO}; got the image dataset {data!r}, which holds no motion masks.")
   if os.path.isdir(data):
-    return motion_masks.list_shards(data)
+    return motion_mask_records.list_shards(data)
   try:
     return sources.list_tfrecord_files(data)
   except FileNotFoundError as e:
@@ -92,7 +92,7 @@ class MotionSegmentationTask(Task):
       ds = ds.shard(input_context.num_input_pipelines, input_context.input_pipeline_id)
     ds = ds.interleave(tf.data.TFRecordDataset, cycle_length=min(4, len(files)),
                        num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    ds = sources.shuffle_repeat_decode(ds, motion_masks.parse_example, seed=seed, shuffle_buffer=1024,
+    ds = sources.shuffle_repeat_decode(ds, motion_mask_records.parse_example, seed=seed, shuffle_buffer=1024,
                                        description=f"motion-mask TFRecords {data}", unit="records")
     ds = sources.with_element_seeds(ds, seed).map(self.example_from_record,
                                                   num_parallel_calls=tf.data.AUTOTUNE)
