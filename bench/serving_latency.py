@@ -33,7 +33,9 @@ import tensorflow as tf  # noqa: E402
 
 from bench import common  # noqa: E402
 from bench.common import Row  # noqa: E402
-from tf_mtssl.serving import server_lib  # noqa: E402
+from tf_mtssl.serving import client as serving_client  # noqa: E402
+from tf_mtssl.serving import model_server
+from tf_mtssl.serving import server as serving
 from tf_mtssl.serving import export as export_lib  # noqa: E402
 from tf_mtssl.model import trunk as trunk_lib  # noqa: E402
 
@@ -66,7 +68,7 @@ def _summary(latencies_s: List[float], images: int, wall_s: float) -> Dict[str, 
 
 
 def _sequential(stub, images: List[bytes], batch: int, requests: int) -> Dict[str, float]:
-  request = server_lib.predict_request(images[:batch], outputs=["features"])
+  request = serving_client.predict_request(images[:batch], outputs=["features"])
   stub.Predict(request, timeout=600)  # warm-up of this batch shape
   latencies = []
   start = time.perf_counter()
@@ -77,7 +79,7 @@ def _sequential(stub, images: List[bytes], batch: int, requests: int) -> Dict[st
   return _summary(latencies, batch * requests, time.perf_counter() - start)
 
 
-def _direct(signature: server_lib.Signature, images: List[bytes], batch: int, requests: int) -> Dict[str, float]:
+def _direct(signature: model_server.Signature, images: List[bytes], batch: int, requests: int) -> Dict[str, float]:
   """The signature called in-process: the model's own latency (decoding + trunk + pooling)."""
   inputs = {export_lib.BYTES_INPUT: np.array(images[:batch], dtype=object)}
   signature.run(inputs)  # warm-up of this batch shape
@@ -94,7 +96,7 @@ def _concurrent(stub, images: List[bytes], clients: int, per_client: int) -> Dic
   def client(index):
     out = []
     for r in range(per_client):
-      request = server_lib.predict_request([images[(index * per_client + r) % len(images)]],
+      request = serving_client.predict_request([images[(index * per_client + r) % len(images)]],
                                            outputs=["features"])
       t = time.perf_counter()
       stub.Predict(request, timeout=600)
@@ -120,9 +122,9 @@ def bench_trunk(name: str, trunk_config: dict, settings: dict) -> Dict[str, dict
     result = {"trunk": trunk_config, "export_s": time.perf_counter() - start}
     images = _jpegs(16)
     for batching in (True, False):
-      servers = server_lib.start(workdir, port=0, host="127.0.0.1", batching=batching, poll_seconds=0)
+      servers = serving.start(workdir, port=0, host="127.0.0.1", batching=batching, poll_seconds=0)
       try:
-        stub = server_lib.make_stub(f"127.0.0.1:{servers.grpc_port}")
+        stub = serving_client.make_stub(f"127.0.0.1:{servers.grpc_port}")
         if batching:  # sequential figures do not depend on batching (one request in flight)
           signature = servers.core.model.signature(export_lib.SERVING_DEFAULT)
           for batch in (1, 16):

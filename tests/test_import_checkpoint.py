@@ -167,7 +167,7 @@ def _labelled_folder(root):
 def test_import_evaluate_export_serve_end_to_end(slim_ref, tmp_path):
   """The binaries in their own processes: import (inception convention) -> evaluate_linear -> export ->
   serve. The served features are the imported trunk's on [-1, 1] inputs, not on VGG ones."""
-  from tf_mtssl.serving import server_lib
+  from tf_mtssl.serving import client as serving_client
   from tests import test_serving
   from tf_mtssl.serving import export as export_lib
   from tf_mtssl.evaluation import outputs
@@ -202,7 +202,7 @@ def test_import_evaluate_export_serve_end_to_end(slim_ref, tmp_path):
   server = test_serving._Server(str(export_dir))
   try:
     port = int(server.wait_for(r"gRPC PredictionService listening on \S+ port (\d+)").group(1))
-    response = server_lib.make_stub(f"127.0.0.1:{port}").Predict(server_lib.predict_request([image]), timeout=60)
+    response = serving_client.make_stub(f"127.0.0.1:{port}").Predict(serving_client.predict_request([image]), timeout=60)
   finally:
     server.stop()
   served = tf.make_ndarray(response.outputs["features"])

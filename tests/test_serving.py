@@ -27,7 +27,9 @@ import tensorflow as tf
 from tensorflow_serving.apis import get_model_metadata_pb2, predict_pb2
 
 from tf_mtssl.serving import image_headers
-from tf_mtssl.serving import server_lib
+from tf_mtssl.serving import client as serving_client
+from tf_mtssl.serving import errors as serving_errors
+from tf_mtssl.serving import model_server
 from tests import helpers
 from tf_mtssl.serving import export as export_lib
 from tf_mtssl.model import trunk as trunk_lib
@@ -122,7 +124,7 @@ def reference(export_dir):
 
 @pytest.fixture(scope="module")
 def stub(server):
-  return server_lib.make_stub(f"127.0.0.1:{server.grpc_port}")
+  return serving_client.make_stub(f"127.0.0.1:{server.grpc_port}")
 
 
 def _rest(server, path, body=None):
@@ -144,7 +146,7 @@ def _rpc_error(call, *args, **kwargs) -> grpc.RpcError:
 
 def test_grpc_predict_returns_the_features_of_jpeg_bytes(stub, reference):
   images = [_jpeg(0), _jpeg(1, 50, 120)]
-  response = stub.Predict(server_lib.predict_request(images), timeout=60)
+  response = stub.Predict(serving_client.predict_request(images), timeout=60)
   assert response.model_spec.name == "tf_mtssl" and response.model_spec.version.value == 1
   assert response.model_spec.signature_name == "serving_default"
   expected = reference(image_bytes=tf.constant(images))
@@ -152,15 +154,15 @@ def test_grpc_predict_returns_the_features_of_jpeg_bytes(stub, reference):
   for key, proto in response.outputs.items():
     helpers.assert_close(tf.make_ndarray(proto), expected[key].numpy())
   assert tf.make_ndarray(response.outputs["features"]).shape == (2, 16 * helpers.TINY_TRUNK["base_width"])
-  filtered = stub.Predict(server_lib.predict_request(images[:1], outputs=["grid"]), timeout=60)
+  filtered = stub.Predict(serving_client.predict_request(images[:1], outputs=["grid"]), timeout=60)
   assert list(filtered.outputs) == ["grid"] and tf.make_ndarray(filtered.outputs["grid"]).shape[:3] == (1, 3, 3)
 
 
 def test_corrupt_bytes_are_invalid_argument_and_the_server_keeps_serving(stub):
-  error = _rpc_error(stub.Predict, server_lib.predict_request([_jpeg(2), b"not an image at all"]))
+  error = _rpc_error(stub.Predict, serving_client.predict_request([_jpeg(2), b"not an image at all"]))
   assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
   assert "element(s) [1]" in error.details() and "could not be decoded" in error.details()
-  good = stub.Predict(server_lib.predict_request([_jpeg(3)]), timeout=60)
+  good = stub.Predict(serving_client.predict_request([_jpeg(3)]), timeout=60)
   assert tf.make_ndarray(good.outputs["features"]).shape[0] == 1
 
 
@@ -177,16 +179,16 @@ def test_bad_requests_get_clear_status_codes(stub):
   error = _rpc_error(stub.Predict, wrong_dtype)
   assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "must be DT_STRING (encoded images), got DT_FLOAT" in error.details()
 
-  error = _rpc_error(stub.Predict, server_lib.predict_request([_jpeg(0)], model_name="resnet"))
+  error = _rpc_error(stub.Predict, serving_client.predict_request([_jpeg(0)], model_name="resnet"))
   assert error.code() == grpc.StatusCode.NOT_FOUND and "'resnet' not found" in error.details()
 
-  error = _rpc_error(stub.Predict, server_lib.predict_request([_jpeg(0)], signature_name="classify"))
+  error = _rpc_error(stub.Predict, serving_client.predict_request([_jpeg(0)], signature_name="classify"))
   assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "signature 'classify' not found" in error.details()
 
-  error = _rpc_error(stub.Predict, server_lib.predict_request([_jpeg(0)], outputs=["logits"]))
+  error = _rpc_error(stub.Predict, serving_client.predict_request([_jpeg(0)], outputs=["logits"]))
   assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "unknown output(s) ['logits']" in error.details()
 
-  wrong_version = server_lib.predict_request([_jpeg(0)])
+  wrong_version = serving_client.predict_request([_jpeg(0)])
   wrong_version.model_spec.version.value = 7
   error = _rpc_error(stub.Predict, wrong_version)
   assert error.code() == grpc.StatusCode.NOT_FOUND and "Version 7" in error.details()
@@ -220,7 +222,7 @@ def test_concurrent_requests_are_all_answered_correctly(stub, reference):
   images = [_jpeg(10 + i) for i in range(6)]
   with concurrent.futures.ThreadPoolExecutor(6) as pool:
     responses = list(pool.map(
-        lambda im: stub.Predict(server_lib.predict_request([im], outputs=["features"]), timeout=120), images))
+        lambda im: stub.Predict(serving_client.predict_request([im], outputs=["features"]), timeout=120), images))
   expected = reference(image_bytes=tf.constant(images))["features"].numpy()
   got = np.concatenate([tf.make_ndarray(r.outputs["features"]) for r in responses])
   helpers.assert_close(got, expected)
@@ -320,8 +322,8 @@ def test_a_second_server_on_the_same_grpc_port_fails_with_one_line(server, expor
   assert last.startswith(f"Error: Could not bind the gRPC port 127.0.0.1:{server.grpc_port}"), proc.stderr
   assert "in use" in last and "listening" not in proc.stdout
   for _ in range(4):  # fresh channels still reach the one server
-    fresh = server_lib.make_stub(f"127.0.0.1:{server.grpc_port}")
-    assert fresh.Predict(server_lib.predict_request([_jpeg(7)]), timeout=60).model_spec.version.value == 1
+    fresh = serving_client.make_stub(f"127.0.0.1:{server.grpc_port}")
+    assert fresh.Predict(serving_client.predict_request([_jpeg(7)]), timeout=60).model_spec.version.value == 1
 
 
 def test_rest_body_over_the_limit_is_413_and_the_server_keeps_serving(server, reference):
@@ -363,14 +365,14 @@ def test_a_batch_over_the_limit_is_refused_on_both_protocols(server, stub):
   images = [_jpeg(30 + i) for i in range(SERVER_LIMITS["max_instances"] + 1)]
   status, body = _rest(server, "/v1/models/tf_mtssl:predict", _b64_instances(images))
   assert status == 400 and f"{len(images)} examples" in body["error"] and "max_instances" in body["error"]
-  error = _rpc_error(stub.Predict, server_lib.predict_request(images))
+  error = _rpc_error(stub.Predict, serving_client.predict_request(images))
   assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "max_instances" in error.details()
-  full = stub.Predict(server_lib.predict_request(images[:-1], outputs=["features"]), timeout=60)
+  full = stub.Predict(serving_client.predict_request(images[:-1], outputs=["features"]), timeout=60)
   assert tf.make_ndarray(full.outputs["features"]).shape[0] == SERVER_LIMITS["max_instances"]
 
 
 def test_an_empty_grpc_batch_is_a_clear_invalid_argument(stub):
-  error = _rpc_error(stub.Predict, server_lib.predict_request([]))
+  error = _rpc_error(stub.Predict, serving_client.predict_request([]))
   assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
   assert "no examples" in error.details() and "Incompatible shapes" not in error.details()
 
@@ -384,7 +386,7 @@ def test_image_pixels_are_checked_from_the_header_before_decoding(server, stub, 
   # Headers that claim a huge image over unreadable data: refused for the size, not for the data,
   # so nothing was decoded.
   for image, dims in ((_jpeg_claiming(8000, 8000), "8000x8000"), (_png_claiming(8000, 8000, b"junk"), "8000x8000")):
-    error = _rpc_error(stub.Predict, server_lib.predict_request([image]))
+    error = _rpc_error(stub.Predict, serving_client.predict_request([image]))
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and dims in error.details(), error.details()
     assert "could not be decoded" not in error.details()
   assert _peak_rss_mb(server.proc.pid) - before < 100  # decoding 8000x8000 RGB alone takes 183 MB
@@ -393,15 +395,15 @@ def test_image_pixels_are_checked_from_the_header_before_decoding(server, stub, 
   tensor.inputs["images"].CopyFrom(tf.make_tensor_proto(np.zeros([1, side, side, 3], np.float32)))
   error = _rpc_error(stub.Predict, tensor)
   assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "max_image_pixels" in error.details()
-  ok = stub.Predict(server_lib.predict_request([_jpeg(12)]), timeout=60)
+  ok = stub.Predict(serving_client.predict_request([_jpeg(12)]), timeout=60)
   assert tf.make_ndarray(ok.outputs["features"]).shape[0] == 1
 
 
 def test_default_limits_refuse_a_small_png_that_decodes_to_8000x8000(export_dir, huge_png):
   assert len(huge_png) < 200_000
-  core = server_lib.ModelServer(export_dir, poll_seconds=0, warm_up=False)
+  core = model_server.ModelServer(export_dir, poll_seconds=0, warm_up=False)
   try:
-    with pytest.raises(server_lib.ServingError, match="8000x8000") as info:
+    with pytest.raises(serving_errors.ServingError, match="8000x8000") as info:
       core.predict("tf_mtssl", None, "", {"image_bytes": np.array([huge_png], dtype=object)})
     assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT
   finally:
@@ -481,7 +483,7 @@ def test_client_skips_a_bad_image_and_never_mixes_with_an_earlier_output(server,
 def test_a_newer_version_is_served_once_exported(server, export_dir, stub):
   export_lib.export_trunk(trunk_lib.build_trunk(**helpers.TINY_TRUNK), export_dir, image_size=IMAGE_SIZE)
   server.wait_for(r"Now serving tf_mtssl version 2", timeout=120)
-  response = stub.Predict(server_lib.predict_request([_jpeg(5)]), timeout=60)
+  response = stub.Predict(serving_client.predict_request([_jpeg(5)]), timeout=60)
   assert response.model_spec.version.value == 2
   assert _rest(server, "/v1/models/tf_mtssl")[1]["model_version_status"][0]["version"] == "2"
 
@@ -504,12 +506,12 @@ class _SlowDouble:
     self.calls.append(len(inputs["x"]))
     time.sleep(0.3)
     if (inputs["x"] < 0).any():
-      raise server_lib.ServingError(grpc.StatusCode.INVALID_ARGUMENT, "negative input")
+      raise serving_errors.ServingError(grpc.StatusCode.INVALID_ARGUMENT, "negative input")
     return {"y": inputs["x"] * 2}
 
 
 def test_batcher_merges_requests_that_arrive_while_busy_and_isolates_bad_ones():
-  batcher = server_lib.DynamicBatcher(max_batch_size=8, timeout_s=0.0, num_threads=1)
+  batcher = model_server.DynamicBatcher(max_batch_size=8, timeout_s=0.0, num_threads=1)
   signature = _SlowDouble()
   try:
     values = [np.array([float(i)], np.float32) for i in range(5)] + [np.array([-1.0], np.float32)]
@@ -520,13 +522,13 @@ def test_batcher_merges_requests_that_arrive_while_busy_and_isolates_bad_ones():
       assert first.result()["y"].tolist() == [0.0]
       for i, future in enumerate(rest[:-1], start=1):
         assert future.result()["y"].tolist() == [2.0 * i]
-      with pytest.raises(server_lib.ServingError, match="negative"):
+      with pytest.raises(serving_errors.ServingError, match="negative"):
         rest[-1].result()
     # One call alone, one merged call of the 5 queued requests (it failed on the bad one), then
     # each of those 5 rerun alone so that only the bad request fails.
     assert signature.calls[:2] == [1, 5] and signature.calls[2:] == [1] * 5
   finally:
     batcher.stop()
-  assert server_lib.resolve_batching("on") and not server_lib.resolve_batching("off")
+  assert model_server.resolve_batching("on") and not model_server.resolve_batching("off")
   with pytest.raises(ValueError, match="batching must be one of"):
-    server_lib.resolve_batching("sometimes")
+    model_server.resolve_batching("sometimes")

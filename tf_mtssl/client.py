@@ -14,46 +14,34 @@ from tf_mtssl.core import quiet  # noqa: F401  (first: silences TensorFlow's sta
 
 import sys
 
-from absl import app, flags
+import grpc
+from absl import app
 
-from tf_mtssl import cli as flag_utils
+from tf_mtssl import cli
+from tf_mtssl.serving import client as serving_client
 
-FLAGS = flags.FLAGS
-
-flags.DEFINE_string("server", "localhost:8500", "HOST:PORT of the gRPC server (tf_mtssl.serve or TF Serving).")
-flags.DEFINE_string("model_name", "tf_mtssl", "Model name (the server's --model_name).")
-flags.DEFINE_string("signature_name", "serving_default", "Signature taking encoded images.")
-flags.DEFINE_list("outputs", [], "Outputs to request (e.g. features,grid); empty: all of them.")
-flags.DEFINE_string("output_dir", "features", "Where the <output>.npy files and images.txt are written.")
-flags.DEFINE_boolean("overwrite", False, "Replace an earlier output in --output_dir (its images.txt "
-                     "and .npy files) instead of refusing to write there.")
-flags.DEFINE_integer("batch_size", 16, "Images per request.")
-flags.DEFINE_float("timeout", 120.0, "Seconds per request before giving up.")
-flags.DEFINE_integer("max_message_mb", 256, "Largest response accepted (block-3 maps are large).")
+cli.define_flags(serving_client.ClientConfig)
 
 
 def main(argv):
   paths = argv[1:]
   if not paths:
     raise ValueError("Give image files: python -m tf_mtssl.client --server=HOST:PORT image1.jpg ...")
-  if FLAGS.batch_size < 1:
-    raise ValueError(f"--batch_size must be >= 1, got {FLAGS.batch_size}")
-  from tf_mtssl.serving import server_lib  # after flag parsing: importing TF takes seconds
-  import grpc
-  server_lib.earlier_outputs(FLAGS.output_dir, FLAGS.overwrite)  # refused before any request
+  config = cli.config_from_flags(serving_client.ClientConfig)
+  serving_client.earlier_outputs(config.output_dir, config.overwrite)  # refused before any request
   try:
-    result = server_lib.features_of_files(FLAGS.server, paths, model_name=FLAGS.model_name,
-                                          signature_name=FLAGS.signature_name, outputs=FLAGS.outputs,
-                                          batch_size=FLAGS.batch_size, timeout=FLAGS.timeout,
-                                          max_message_mb=FLAGS.max_message_mb)
+    result = serving_client.features_of_files(config.server, paths, model_name=config.model_name,
+                                          signature_name=config.signature_name, outputs=list(config.outputs),
+                                          batch_size=config.batch_size, timeout=config.timeout,
+                                          max_message_mb=config.max_message_mb)
   except grpc.RpcError as e:
-    raise ValueError(f"{FLAGS.server} answered {e.code().name}: {e.details()}") from None
+    raise ValueError(f"{config.server} answered {e.code().name}: {e.details()}") from None
   for path, why in result.skipped:
     print(f"skipped {path}: {why}", file=sys.stderr)
   if not result.paths:
     raise ValueError(f"none of the {len(paths)} image(s) was processed (each skipped above); nothing "
-                     f"written to {FLAGS.output_dir}")
-  files = server_lib.save_outputs(result.outputs, result.paths, FLAGS.output_dir, overwrite=FLAGS.overwrite)
+                     f"written to {config.output_dir}")
+  files = serving_client.save_outputs(result.outputs, result.paths, config.output_dir, overwrite=config.overwrite)
   for key, value in sorted(result.outputs.items()):
     print(f"{key}: shape {list(value.shape)} {value.dtype} -> {files[key]}")
   print(f"rows follow {files['images']}" + (f"; {len(result.skipped)} of {len(paths)} image(s) skipped"
@@ -61,4 +49,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(flag_utils.run_main(main))
+  app.run(cli.run_main(main))
