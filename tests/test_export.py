@@ -15,6 +15,8 @@ from PIL import Image
 from tests import helpers
 from tf_mtssl.runs import checkpoints
 from tf_mtssl.serving import export as export_lib
+from tf_mtssl.runs import exports
+from tf_mtssl.model import pooling
 from tf_mtssl.model import preprocessing
 from tf_mtssl.pretraining import trainer as train
 
@@ -82,7 +84,7 @@ def test_layout_metadata_and_version_1(run_dir, exported):
   assert version == 1 and path == os.path.join(export_dir, "1")
   assert os.path.isfile(os.path.join(path, "saved_model.pb"))
   assert os.path.isfile(os.path.join(path, "assets.extra", "trunk.keras"))
-  meta = export_lib.read_metadata(path)
+  meta = exports.read_metadata(path)
   assert meta["version"] == 1
   assert meta["checkpoint"] == os.path.abspath(tf.train.latest_checkpoint(run_dir))
   assert meta["step"] == 2
@@ -105,7 +107,7 @@ def test_exported_outputs_equal_the_in_process_trunk(run_dir, loaded):
     helpers.assert_close(out["block3"], expected["block3"])
     helpers.assert_close(out["unit_01"], expected["units"][0])
     helpers.assert_close(out["features"], tf.reduce_mean(expected["block3"], axis=[1, 2]))
-    helpers.assert_close(out["grid"], export_lib.pool_to_grid(expected["block3"]))
+    helpers.assert_close(out["grid"], pooling.pool_to_grid(expected["block3"]))
     assert out["grid"].shape == (2, 3, 3, 128) and out["features"].shape == (2, 128)
   # Encoded bytes: a lossless PNG already at image_size decodes to the same pixels, so the
   # serving_default outputs equal the trunk's on those pixels.
@@ -128,7 +130,7 @@ def test_serving_default_centre_crops_keeping_the_aspect_ratio(loaded):
 
 def test_tfsm_layer_reloads_and_gradients_flow(exported, loaded):
   layer = keras.layers.TFSMLayer(exported[2], call_endpoint="image_tensor")
-  trunk = export_lib.load_keras_trunk(exported[2])
+  trunk = exports.load_keras_trunk(exported[2])
   assert len(layer.trainable_weights) == len(trunk.trainable_weights)
   images = tf.Variable(np.stack([_photo(48, 48, s) for s in range(2)]).astype(np.float32))
   with tf.GradientTape() as tape:
@@ -166,17 +168,17 @@ def test_pool_to_grid_is_adaptive_average_pooling():
         r0, r1 = (i * h) // 3, -(-(i + 1) * h // 3)
         c0, c1 = (j * w) // 3, -(-(j + 1) * w // 3)
         expected[:, i, j] = x[:, r0:r1, c0:c1].mean(axis=(1, 2))
-    np.testing.assert_allclose(export_lib.pool_to_grid(x), expected, rtol=1e-5, atol=1e-6)
-    dynamic = tf.function(export_lib.pool_to_grid,
+    np.testing.assert_allclose(pooling.pool_to_grid(x), expected, rtol=1e-5, atol=1e-6)
+    dynamic = tf.function(pooling.pool_to_grid,
                           input_signature=[tf.TensorSpec([None, None, None, 4], tf.float32)])
     np.testing.assert_allclose(dynamic(x), expected, rtol=1e-5, atol=1e-6)
   # 14x14 (224 px at output stride 16): rows/columns [0, 5), [4, 10), [9, 14).
   x = np.arange(14, dtype=np.float32).reshape(1, 14, 1, 1) * np.ones((1, 1, 14, 1), np.float32)
-  np.testing.assert_allclose(export_lib.pool_to_grid(x)[0, :, 0, 0], [2.0, 6.5, 11.0])
+  np.testing.assert_allclose(pooling.pool_to_grid(x)[0, :, 0, 0], [2.0, 6.5, 11.0])
   with pytest.raises(ValueError, match="grid must be a positive integer"):
-    export_lib.pool_to_grid(x, grid=0)
+    pooling.pool_to_grid(x, grid=0)
   inputs = keras.Input((None, None, 8))
-  model = keras.Model(inputs, export_lib.GridAveragePooling()(inputs))
+  model = keras.Model(inputs, pooling.GridAveragePooling()(inputs))
   restored = keras.Model.from_config(model.get_config())
   np.testing.assert_allclose(restored(np.ones((1, 5, 6, 8), np.float32)), np.ones((1, 3, 3, 8)))
 
@@ -205,7 +207,7 @@ def test_bad_run_directories_raise_clear_errors(tmp_path, run_dir):
   with pytest.raises(FileNotFoundError, match="ckpt-7"):
     export_lib.export_run(run_dir, str(tmp_path / "out"), checkpoint="ckpt-7")
   with pytest.raises(FileNotFoundError, match="No exported version"):
-    export_lib.latest_version(str(tmp_path))
+    exports.latest_version(str(tmp_path))
 
 
 def test_binary_exports_a_named_checkpoint_as_version_2(run_dir, exported):
@@ -215,15 +217,15 @@ def test_binary_exports_a_named_checkpoint_as_version_2(run_dir, exported):
   assert binary.returncode == 0, stderr[-3000:]
   assert not [n for n in os.listdir(export_dir) if n not in ("1", "2")]  # no temporary directory left
   assert "as version 2" in stdout
-  assert export_lib.list_versions(export_dir) == [1, 2]
-  assert export_lib.latest_version(export_dir)[0] == 2
-  meta = export_lib.read_metadata(export_dir)
+  assert exports.list_versions(export_dir) == [1, 2]
+  assert exports.latest_version(export_dir)[0] == 2
+  meta = exports.read_metadata(export_dir)
   assert meta["version"] == 2 and meta["checkpoint"].endswith("ckpt-1") and meta["step"] == 1
   with open(os.path.join(export_dir, "1", "assets.extra", "export_metadata.json")) as f:
     assert json.load(f)["version"] == 1
   # Different checkpoints, different weights.
-  first = export_lib.load_keras_trunk(os.path.join(export_dir, "1"))
-  second = export_lib.load_keras_trunk(export_dir)
+  first = exports.load_keras_trunk(os.path.join(export_dir, "1"))
+  second = exports.load_keras_trunk(export_dir)
   assert any(not np.array_equal(a.numpy(), b.numpy()) for a, b in zip(first.weights, second.weights))
 
 
@@ -246,7 +248,7 @@ def test_a_truncated_newest_checkpoint_is_named_and_skipped_by_export_and_evalua
   assert f"Checkpoint {run}/ckpt-2 is unreadable ({data}: Read less bytes than requested)" in stderr
   assert f"Using {run}/ckpt-1, the newest readable checkpoint" in stderr
   assert f"Exported {run}/ckpt-1 as version 1" in stdout
-  assert export_lib.read_metadata(str(tmp_path / "exports"))["step"] == 1
+  assert exports.read_metadata(str(tmp_path / "exports"))["step"] == 1
   # The evaluations' trunk source does the same, and records the checkpoint it really read.
   _, provenance = trunk_source.load_trunk("pretrained", model_dir=run)
   assert provenance["checkpoint"] == os.path.join(run, "ckpt-1") and provenance["step"] == 1

@@ -170,6 +170,7 @@ def test_import_evaluate_export_serve_end_to_end(slim_ref, tmp_path):
   from tf_mtssl.serving import client as serving_client
   from tests import test_serving
   from tf_mtssl.serving import export as export_lib
+  from tf_mtssl.runs import exports
   from tf_mtssl.evaluation import outputs
 
   def run(*args):
@@ -192,7 +193,7 @@ def test_import_evaluate_export_serve_end_to_end(slim_ref, tmp_path):
   assert result["num_eval"] == 4 and 0.0 <= result["top1"] <= 1.0
 
   run("tf_mtssl.export_saved_model", f"--model_dir={model_dir}", f"--export_dir={export_dir}", "--image_size=64")
-  assert export_lib.input_convention(str(export_dir)) == "inception"
+  assert exports.input_convention(str(export_dir)) == "inception"
 
   image = test_serving._jpeg(5, 90, 70)
   trunk = checkpoints.restore_trunk(str(model_dir))

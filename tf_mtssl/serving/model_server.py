@@ -19,6 +19,7 @@ from tensorflow_serving.apis import get_model_metadata_pb2
 
 from tf_mtssl.serving import image_headers
 from tf_mtssl.serving import export as export_lib
+from tf_mtssl.runs import exports
 from tf_mtssl.serving import errors
 
 log = logging.getLogger(__name__)
@@ -145,7 +146,7 @@ class ServedModel:
     if not self.signatures:
       raise ValueError(f"SavedModel {path} has no serving signatures")
     self.signature_defs = self._read_signature_defs(path)
-    metadata = os.path.join(path, export_lib.EXTRA_DIR, export_lib.METADATA_FILE)
+    metadata = os.path.join(path, exports.EXTRA_DIR, exports.METADATA_FILE)
     self.metadata = json.load(open(metadata)) if os.path.isfile(metadata) else {}
 
   @staticmethod
@@ -329,7 +330,7 @@ class ModelServer:
         raise ValueError(f"{name} must be >= 1, got {value}")
     self.export_dir, self.model_name, self._warm = export_dir, model_name, warm_up
     self.max_instances, self.max_image_pixels = int(max_instances), int(max_image_pixels)
-    version, path = export_lib.latest_version(export_dir)
+    version, path = exports.latest_version(export_dir)
     self._model = self._load(version, path)
     self._lock = threading.Lock()
     self.batcher = DynamicBatcher(max_batch_size, batch_timeout_ms / 1000.0,
@@ -352,7 +353,7 @@ class ModelServer:
     """Serves a newer version once it is complete (TF Serving's newest-version policy)."""
     while not self._stop.wait(seconds):
       try:
-        version, path = export_lib.latest_version(self.export_dir)
+        version, path = exports.latest_version(self.export_dir)
         if version > self.model.version:
           model = self._load(version, path)
           with self._lock:
