@@ -5,11 +5,9 @@ source "$(dirname "$0")/scripts/setup.sh"
 RUN_DIR="${RUN_DIR:-runs/smoke}"
 EXPORT_DIR="${EXPORT_DIR:-exports/smoke}"
 .venv/bin/python -m tf_mtssl.pretrain --flagfile=flags/smoke.cfg --tasks=all --model_dir="$RUN_DIR"
-if [ -f tf_mtssl/export_saved_model.py ]; then
-  .venv/bin/python -m tf_mtssl.export_saved_model --model_dir="$RUN_DIR" --export_dir="$EXPORT_DIR"
-fi
+.venv/bin/python -m tf_mtssl.export_saved_model --model_dir="$RUN_DIR" --export_dir="$EXPORT_DIR"
 echo
 echo "TensorBoard logs: $(realpath "$RUN_DIR")/train   (tensorboard --logdir $RUN_DIR)"
 echo "Checkpoints:      $(realpath "$RUN_DIR")"
-[ -d "$EXPORT_DIR" ] && echo "Export:           $(realpath "$EXPORT_DIR")"
+echo "Export:           $(realpath "$EXPORT_DIR")"
 exit 0

@@ -18,15 +18,17 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 from tf_mtssl.core import quiet  # noqa: F401,E402  (before TensorFlow: silences its start-up noise)
 
+from tf_mtssl import cli  # noqa: E402
+
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TASKS = ("rp", "col", "ex", "ms")
 
 # The quick mode: the smoke trunk and heads of flags/smoke.cfg at 64 px (seconds per module).
-QUICK_TRUNK = dict(depth=14, output_stride=16, base_width=8)
-QUICK_IMAGE_SIZE = 64
-QUICK_OPTIONS = {"rp": dict(patch_size=32, gap=16, jitter=3, hidden=64, reduce_channels=16),
-                 "col": dict(head_width=16, upsample_width=16), "ex": dict(views=4, embedding_dim=32),
-                 "ms": dict(head_width=16)}
+_SMOKE = cli.read_flagfile(os.path.join(REPO_ROOT, "flags", "smoke.cfg"))
+QUICK_TRUNK = {k: int(_SMOKE[k]) for k in ("depth", "output_stride", "base_width")}
+QUICK_IMAGE_SIZE = int(_SMOKE["image_size"])
+QUICK_OPTIONS = {name: {k[len(name) + 1:]: v for k, v in _SMOKE.items() if k.startswith(f"{name}_")}
+                 for name in TASKS}
 # The full mode: the paper's shapes (flags/rp_col_ex_ms.cfg): ResNet-101 to block 3 at output stride
 # 16, 224-px images, 96-px rp patches, 8 exemplar views, the task options' defaults (paper_spec 3).
 PAPER_TRUNK = dict(depth=101, output_stride=16, base_width=64)
@@ -52,10 +54,11 @@ def trunk_name(config: dict) -> str:
 
 def make_task(name: str, quick: bool, **overrides):
   """Task `name` at the mode's image size and options (quick: smoke heads; full: paper defaults)."""
-  from tf_mtssl import cli as flag_utils
-  from tf_mtssl.tasks import make_task as make
+  from tf_mtssl import tasks
+  from tf_mtssl.core import configs
   values = {**(QUICK_OPTIONS[name] if quick else {}), **overrides}
-  return make(name, options=flag_utils.task_options_from_dict(name, values), image_size=image_size(quick))
+  options = configs.from_dict(tasks.task_class(name).Options, values)
+  return tasks.make_task(name, options=options, image_size=image_size(quick))
 
 
 # ---------------------------------------------------------------------------------------------------

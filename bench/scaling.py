@@ -27,6 +27,7 @@ import time
 from typing import Dict, List
 
 from bench import common
+from tf_mtssl.core import configs
 from bench.common import Row
 
 SETTINGS = {
@@ -54,7 +55,7 @@ def _measure(config: str, quick: bool, data: str) -> Dict[str, float]:
   s = SETTINGS[quick]
   batch = s["per_replica_batch"] * strategy.num_replicas_in_sync
   trainer = train.Trainer(
-      tempfile.mkdtemp(prefix="scaling_"), {"rp": RelativePositionTask(RelativePositionOptions(**s["rp"]))},
+      tempfile.mkdtemp(prefix="scaling_"), {"rp": RelativePositionTask(configs.from_dict(RelativePositionOptions, s["rp"]))},
       s["trunk"], train.TrainConfig(train_steps=1, batch_size=batch, learning_rate=1e-3, warmup_steps=1,
                                     progress_bar=False), {"rp": data}, strategy=strategy)
   iterators = trainer.make_iterators(0)

@@ -19,7 +19,6 @@ shared machine. No goals: the table reports the figures.
 """
 
 import concurrent.futures
-import os
 import shutil
 import tempfile
 import time

@@ -4,9 +4,15 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from tf_mtssl import cli
 from tf_mtssl.model import trunk as trunk_lib
 
-TINY_TRUNK = dict(depth=14, output_stride=16, base_width=8)
+REPO_ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
+SMOKE_CFG = REPO_ROOT / "flags" / "smoke.cfg"
+# The README's smoke run (flags/smoke.cfg) is the tests' tiny configuration: one place for its numbers.
+SMOKE = cli.read_flagfile(SMOKE_CFG)
+TINY_TRUNK = {k: int(SMOKE[k]) for k in ("depth", "output_stride", "base_width")}
+read_flagfile = cli.read_flagfile
 
 
 def first_batch(task, data="embedded", batch_size=4, seed=0):
@@ -32,30 +38,11 @@ def overfit_single_batch(task, batch, steps=30, learning_rate=1e-3, trunk_kwargs
   return np.array([float(step()) for _ in range(steps)])
 
 
-REPO_ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
-SMOKE_CFG = REPO_ROOT / "flags" / "smoke.cfg"
-
-
-def read_flagfile(path):
-  """{flag: value} of an absl flagfile (comments and blank lines skipped; later lines win)."""
-  out = {}
-  for line in open(path):
-    line = line.strip()
-    if line and not line.startswith("#"):
-      key, _, value = line[2:].partition("=")
-      out[key] = value
-  return out
-
-
 def tiny_task(name, image_size=None, harmonize=False):
   """Task `name` with the tiny settings of flags/smoke.cfg (the README's smoke run)."""
   from tf_mtssl import tasks
-  from tf_mtssl import cli as flag_utils
-  cfg = read_flagfile(SMOKE_CFG)
-  prefix = f"{name}_"
-  options = flag_utils.task_options_from_dict(
-      name, {k[len(prefix):]: v for k, v in cfg.items() if k.startswith(prefix)})
-  return tasks.make_task(name, options=options, image_size=image_size or int(cfg["image_size"]),
+  options = tasks.options_from_settings(name, SMOKE)
+  return tasks.make_task(name, options=options, image_size=image_size or int(SMOKE["image_size"]),
                          harmonize=harmonize)
 
 

@@ -252,11 +252,10 @@ def test_annealed_mean_of_a_peaked_prediction_is_its_bin():
 
 
 def test_col_cfg_is_a_valid_paper_configuration():
-  from tf_mtssl import cli as flag_utils
+  from tf_mtssl import tasks
   cfg = helpers.read_flagfile(helpers.REPO_ROOT / "flags" / "col.cfg")
   assert cfg["tasks"] == "col" and cfg["depth"] == "101" and cfg["output_stride"] == "16"
-  options = flag_utils.task_options_from_dict(
-      "col", {k[4:]: v for k, v in cfg.items() if k.startswith("col_")})
+  options = tasks.options_from_settings("col", cfg)
   assert options == col.ColorizationOptions()  # the cfg spells out the paper defaults
   task = col.ColorizationTask(options, image_size=int(cfg["image_size"]))
   assert task.target_size * 16 == 2 * int(cfg["image_size"])
@@ -265,8 +264,9 @@ def test_col_cfg_is_a_valid_paper_configuration():
 def test_prepare_embedded_step_writes_the_prior_beside_the_data(tmp_path, monkeypatch, caplog):
   from tf_mtssl.data import prepare as prep
   helpers.write_photos(tmp_path / "images", size=48, names=("coffee", "chelsea"))
-  step = next(s for s in prep.STEPS if s.name == "colorization_prior")
-  manifest = prep.run_steps(tmp_path, steps=[step])
+  from tf_mtssl import prepare_embedded
+  step = next(s for s in prepare_embedded.STEPS if s.name == "colorization_prior")
+  manifest = prep.run_steps([step], tmp_path)
   assert [f["path"] for f in manifest["files"]] == ["colorization_prior.npy"]
   monkeypatch.setenv("TF_MTSSL_DATA_DIR", str(tmp_path))
   assert col_prior.default_prior_path("embedded") == tmp_path / "colorization_prior.npy"

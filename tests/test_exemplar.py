@@ -214,12 +214,10 @@ def test_loss_falls_when_overfitting_one_batch(photos_dir):
 
 
 def test_paper_flagfile_builds_the_paper_task():
-  from tf_mtssl import cli as flag_utils
   cfg = helpers.read_flagfile(helpers.REPO_ROOT / "flags" / "ex.cfg")
   assert cfg["tasks"] == "ex" and cfg["depth"] == "101" and cfg["output_stride"] == "16"
   assert cfg["data"] == "tfds:imagenet2012"
-  options = flag_utils.task_options_from_dict(
-      "ex", {k[len("ex_"):]: v for k, v in cfg.items() if k.startswith("ex_")})
+  options = task_registry.options_from_settings("ex", cfg)
   task = task_registry.make_task("ex", options=options, image_size=int(cfg["image_size"]))
   assert (task.options.views, task.options.embedding_dim, task.options.margin, task.options.distance) == (
       8, 1000, 0.5, "cosine")

@@ -193,11 +193,11 @@ def test_binary_runs_the_nyu_flagfile_protocol_on_mock_tfds(tmp_path):
       "import os, sys, tensorflow_datasets as tfds\n"
       "from absl import app\n"
       "import tf_mtssl.finetune_depth as binary\n"
-      "from tf_mtssl import flag_utils\n"
+      "from tf_mtssl import cli\n"
       "data_dir = sys.argv[1]\n"
       "with tfds.testing.mock_data(num_examples=2, data_dir=data_dir):\n"
       "  os.makedirs(tfds.builder('nyu_depth_v2', data_dir=data_dir).data_dir)\n"
-      "  app.run(flag_utils.run_main(binary.main), argv=['finetune_depth'] + sys.argv[2:])\n")
+      "  app.run(cli.run_main(binary.main), argv=['finetune_depth'] + sys.argv[2:])\n")
   run = subprocess.run(
       [sys.executable, "-c", script, str(tmp_path / "tfds"), "--flagfile=flags/depth_nyu.cfg",
        f"--tfds_data_dir={tmp_path / 'tfds'}", "--init=random", "--depth=14", "--base_width=8",

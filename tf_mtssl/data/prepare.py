@@ -533,7 +533,7 @@ def run_steps(steps: Sequence[Step], root: Optional[pathlib.Path] = None, force:
       raise ValueError(f"Unknown step(s) {unknown}; known: {names}")
     steps = [s for s in steps if s.name in only]
   root.mkdir(parents=True, exist_ok=True)
-  for stale in root.rglob(".*.tmp*"):  # left by an interrupted run (see write_bytes_atomic)
+  for stale in root.rglob(".*.tmp*"):  # left by an interrupted run (see core.files.write_bytes)
     if stale.is_file():
       stale.unlink()
   manifest_path = root / embedded.manifest_path().relative_to(embedded.root())

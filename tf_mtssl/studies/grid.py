@@ -39,7 +39,7 @@ from tf_mtssl.data import classification as classification_set
 from tf_mtssl.data import depth as depth_sources
 from tf_mtssl.evaluation import depth, linear, probes
 from tf_mtssl.runs import trunk_source
-from tf_mtssl.core import files
+from tf_mtssl.core import configs, files
 
 log = logging.getLogger(__name__)
 
@@ -152,8 +152,8 @@ def eval_spec(study: StudyConfig, run_key: str, step: int) -> Dict:
 
 
 def _make_tasks(study: StudyConfig, combo: Combination):
-  from tf_mtssl import cli as flag_utils  # task options from {field: value}, converted as the flags are
-  return {t: task_registry.make_task(t, options=flag_utils.task_options_from_dict(t, study.task_options.get(t, {})),
+  return {t: task_registry.make_task(t, options=configs.from_dict(task_registry.task_class(t).Options,
+                                                                    study.task_options.get(t, {})),
                                      image_size=study.image_size, harmonize=combo.harmonize)
           for t in combo.tasks}
 

@@ -12,9 +12,7 @@ Statistics (one protocol for every configuration):
 
 import csv
 import io
-import json
 import math
-import os
 import textwrap
 from typing import Dict, List, Optional, Sequence, Tuple
 

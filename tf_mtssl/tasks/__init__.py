@@ -1,8 +1,9 @@
 """Registry of self-supervised tasks: name -> "module:Class" (imported on first use)."""
 
 import importlib
-from typing import Dict, List
+from typing import Any, Dict, List, Mapping
 
+from tf_mtssl.core import configs
 from tf_mtssl.tasks.base import Task
 
 # One line per task. Adding a task: write its module and add its line here.
@@ -45,3 +46,11 @@ def parse_task_list(spec: str) -> List[str]:
 
 def make_task(name: str, **kwargs) -> Task:
   return task_class(name)(**kwargs)
+
+
+def options_from_settings(name: str, settings: Mapping[str, Any]):
+  """The `Options` of task `name` from flag-style settings (a flagfile's {flag: value}: the keys
+  `<name>_<option>` are read, converted as on the command line; every other key is ignored)."""
+  prefix = f"{name}_"
+  cls = task_class(name).Options
+  return configs.from_dict(cls, {k[len(prefix):]: v for k, v in settings.items() if k.startswith(prefix)})
