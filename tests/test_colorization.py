@@ -11,6 +11,7 @@ import tensorflow as tf
 from tests import helpers
 from tf_mtssl import tasks
 from tf_mtssl.model import color
+from tf_mtssl.tasks.colorization import bins as col_bins
 from tf_mtssl.tasks.colorization import task as col
 from tf_mtssl.tasks.colorization import prior as col_prior
 
@@ -49,7 +50,7 @@ def photos(tmp_path_factory):
 
 
 def test_bin_centers_are_zhangs_313_in_his_order():
-  centers = col.ab_bin_centers()
+  centers = col_bins.ab_bin_centers()
   assert centers.shape == (313, 2) and centers.dtype == np.float32
   expected = [(a, b) for a, lo, hi in ZHANG_BIN_COLUMNS for b in range(lo, hi + 1, 10)]
   assert len(expected) == 313
@@ -61,20 +62,20 @@ def test_bin_centers_are_zhangs_313_in_his_order():
 def test_every_srgb_colour_is_within_one_grid_step_of_a_bin():
   v = np.arange(0, 256, 3) / 255.0  # 86^3 colours, plus the cube's surface at full 8-bit resolution
   dense = np.stack(np.meshgrid(v, v, v, indexing="ij"), axis=-1).reshape(-1, 3)
-  rgb = np.concatenate([dense, col._rgb_cube_surface()])
+  rgb = np.concatenate([dense, col_bins.rgb_cube_surface()])
   ab = color.rgb_to_lab(tf.constant(rgb, tf.float32)).numpy()[:, 1:]
   # Stronger than "within one grid step": the grid point nearest to every colour's ab is a bin, so
   # every colour is within 5 * sqrt(2) < 10 of a bin.
-  grid = np.round(ab / col.BIN_STEP).astype(np.int64)
-  bins = np.round(col.ab_bin_centers() / col.BIN_STEP).astype(np.int64)
+  grid = np.round(ab / col_bins.BIN_STEP).astype(np.int64)
+  bins = np.round(col_bins.ab_bin_centers() / col_bins.BIN_STEP).astype(np.int64)
   code = lambda g: (g[:, 0] + 100) * 1000 + (g[:, 1] + 100)
   assert np.isin(code(grid), code(bins)).all()
-  assert np.abs(ab - grid * col.BIN_STEP).max() <= col.BIN_STEP / 2
+  assert np.abs(ab - grid * col_bins.BIN_STEP).max() <= col_bins.BIN_STEP / 2
 
 
 def test_neighbour_table_matches_brute_force():
-  table = col.neighbour_table(5)
-  centers = col.ab_bin_centers().astype(np.float64)
+  table = col_bins.neighbour_table(5)
+  centers = col_bins.ab_bin_centers().astype(np.float64)
   rng = np.random.default_rng(1)
   for a, b in rng.integers(-128, 128, (300, 2)):
     d = np.sqrt(((centers - (a, b)) ** 2).sum(-1))
@@ -83,14 +84,14 @@ def test_neighbour_table_matches_brute_force():
 
 
 def test_soft_targets_sum_to_one_and_weight_the_nearest_bin_most():
-  encoder = col.TargetEncoder(np.ones(313), k=5, sigma=5.0)
+  encoder = col_bins.TargetEncoder(np.ones(313), k=5, sigma=5.0)
   rng = np.random.default_rng(2)
   ab = rng.uniform(-80, 80, (4, 6, 6, 2)).astype(np.float32)
   bins, weights = encoder.soft_encode(tf.constant(ab))
   bins, weights = bins.numpy(), weights.numpy()
   assert bins.shape == weights.shape == (4, 6, 6, 5)
   np.testing.assert_allclose(weights.sum(-1), 1.0, rtol=1e-6)
-  centers = col.ab_bin_centers()
+  centers = col_bins.ab_bin_centers()
   d2 = ((ab[..., None, :] - centers) ** 2).sum(-1)  # [4, 6, 6, 313]
   best = np.take_along_axis(bins, weights.argmax(-1)[..., None], -1)[..., 0]
   np.testing.assert_array_equal(best, d2.argmin(-1))
@@ -109,19 +110,19 @@ def test_rebalance_weights_average_one_under_the_prior():
   assert w[prior.argmin()] > 1.0 > w[prior.argmax()]
   np.testing.assert_allclose(col_prior.rebalance_weights(prior, 1.0), 1.0)
   # The per-pixel weights of targets drawn from the prior average 1 too.
-  encoder = col.TargetEncoder(w)
-  samples = col.ab_bin_centers()[rng.choice(313, size=(1, 200, 200), p=prior)]
+  encoder = col_bins.TargetEncoder(w)
+  samples = col_bins.ab_bin_centers()[rng.choice(313, size=(1, 200, 200), p=prior)]
   targets = encoder(tf.constant(samples + rng.uniform(-2, 2, samples.shape)), tf.constant([False]))
   assert abs(float(tf.reduce_mean(targets["pixel_weights"])) - 1.0) < 0.02
 
 
 def test_smoothing_preserves_mass_and_spreads_with_sigma_5():
   hist = np.zeros(313)
-  zero = [tuple(c) for c in col.ab_bin_centers()].index((0.0, 0.0))
+  zero = [tuple(c) for c in col_bins.ab_bin_centers()].index((0.0, 0.0))
   hist[zero] = 7.0
   p = col_prior.smooth_histogram(hist)
   assert abs(p.sum() - 1.0) < 1e-12 and p.argmax() == zero
-  right = [tuple(c) for c in col.ab_bin_centers()].index((10.0, 0.0))
+  right = [tuple(c) for c in col_bins.ab_bin_centers()].index((10.0, 0.0))
   np.testing.assert_allclose(p[right] / p[zero], np.exp(-100 / 50.0))
 
 
@@ -219,7 +220,7 @@ def test_loss_falls_when_overfitting_one_batch(photos):
 
 def test_loss_and_accuracy_values():
   task = col.ColorizationTask(small_options(), image_size=SIZE)
-  encoder = col.TargetEncoder(np.ones(313))
+  encoder = col_bins.TargetEncoder(np.ones(313))
   ab = tf.constant(np.random.default_rng(4).uniform(-60, 60, (2, 8, 8, 2)), tf.float32)
   batch = encoder(ab, tf.constant([False, True]))
   dense = tf.reduce_sum(tf.one_hot(batch["target_bins"], 313) * batch["target_weights"][..., None], axis=-2)
@@ -247,8 +248,8 @@ def test_summary_images(photos):
 
 def test_annealed_mean_of_a_peaked_prediction_is_its_bin():
   logits = 50.0 * tf.one_hot([[17, 200]], 313)
-  ab = col.annealed_mean_ab(logits, 0.38).numpy()
-  helpers.assert_close(ab[0], col.ab_bin_centers()[[17, 200]], rtol=1e-5)
+  ab = col_bins.annealed_mean_ab(logits, 0.38).numpy()
+  helpers.assert_close(ab[0], col_bins.ab_bin_centers()[[17, 200]], rtol=1e-5)
 
 
 def test_col_cfg_is_a_valid_paper_configuration():

@@ -19,7 +19,8 @@ from tf_mtssl.evaluation.detection import data as data_lib
 from tf_mtssl.evaluation.detection import model as model_lib
 from tf_mtssl.evaluation.detection import targets
 from tf_mtssl.evaluation.detection import train as train_lib
-from tf_mtssl.evaluation import outputs
+from tf_mtssl.evaluation import common, outputs
+from tf_mtssl.model.lasso import LassoConfig
 from tf_mtssl.runs import trunk_source
 from tests import helpers
 
@@ -318,11 +319,13 @@ def test_load_trunk_errors_are_clear(tmp_path):
 def test_lasso_detector_reads_a_combination_of_block3_units(tmp_path):
   _fake_pretraining_run(tmp_path / "naive")
   trunk = trunk_lib.build_trunk(depth=26, base_width=8)
-  assert train_lib.make_lasso("none", trunk, 1e-3) is None
+  naive = {"source": "run", "model_dir": str(tmp_path / "naive")}
+  assert common.eval_lasso(common.num_units(trunk), LassoConfig("none").l1_at("eval")) is None
   with pytest.raises(ValueError, match="pretrained with the lasso"):
-    train_lib.make_lasso("both", trunk, 1e-3, model_dir=str(tmp_path / "naive"))
-  lasso = train_lib.make_lasso("eval", trunk, 1e-2, model_dir=str(tmp_path / "naive"))
-  assert lasso.num_units == 2 and lasso.rows == [model_lib.LASSO_ROW]
+    common.check_pretraining_lasso("both", naive)
+  common.check_pretraining_lasso("eval", naive)
+  lasso = common.eval_lasso(common.num_units(trunk), LassoConfig("eval", 1e-2).l1_at("eval"))
+  assert lasso.num_units == 2 and lasso.rows == [common.EVAL_LASSO_ROW]
   detector = model_lib.FasterRCNN(trunk, model_lib.DetectorConfig(num_classes=2, **TINY_DETECTOR), lasso=lasso)
   images = tf.random.normal([1, 64, 64, 3])
   # Starts as the naive model (alpha = last unit) ...
@@ -332,7 +335,7 @@ def test_lasso_detector_reads_a_combination_of_block3_units(tmp_path):
   batch = {"image": images, "image_shape": tf.constant([[64, 64]]),
            "boxes": tf.constant([[[8.0, 8.0, 40.0, 40.0]]]), "labels": tf.constant([[1]]),
            "valid": tf.constant([[True]])}
-  alpha = lasso.alpha_variable(model_lib.LASSO_ROW)
+  alpha = lasso.alpha_variable(common.EVAL_LASSO_ROW)
   with tf.GradientTape() as tape:
     loss = detector.losses_for_batch(batch, tf.constant([0, 0]))["detection_loss"]
   grad = tape.gradient(loss, alpha)

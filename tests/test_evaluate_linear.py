@@ -123,7 +123,7 @@ def test_cached_per_unit_features_give_the_same_logits_as_combining_first():
   images = tf.random.uniform([2, 64, 64, 3], 0, 255, seed=1)
   cached = probe.logits(linear.pooled_features(trunk, images, 3, per_unit=True), training=False)
   from tf_mtssl.model import preprocessing
-  from tf_mtssl.serving.export import pool_to_grid
+  from tf_mtssl.model.pooling import pool_to_grid
   units = trunk(preprocessing.rgb_to_trunk_input(images), training=False)["units"]
   combined = pool_to_grid(probe.lasso(units, row=common.EVAL_LASSO_ROW), 3)
   direct = probe.classifier(tf.reshape(combined, [2, -1]))

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from tf_mtssl.data import motion_mask_records as mask_records
 from tf_mtssl.data import motion_masks as mm
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -52,12 +53,12 @@ def synthetic_video(path, pan=(0.0, 0.0), frames=20, h=96, w=128, seed=0, veloci
 def read_records(folder):
   """[(video id, frame index, height, width, parsed dict)] of every example in the folder's shards."""
   out = []
-  for serialized in tf.data.TFRecordDataset(mm.list_shards(str(folder))):
+  for serialized in tf.data.TFRecordDataset(mask_records.list_shards(str(folder))):
     feature = tf.train.Example.FromString(serialized.numpy()).features.feature
-    out.append((feature[mm.VIDEO_ID_KEY].bytes_list.value[0].decode(),
-                feature[mm.FRAME_INDEX_KEY].int64_list.value[0], feature[mm.HEIGHT_KEY].int64_list.value[0],
-                feature[mm.WIDTH_KEY].int64_list.value[0],
-                {k: v.numpy() for k, v in mm.parse_example(serialized).items()}))
+    out.append((feature[mask_records.VIDEO_ID_KEY].bytes_list.value[0].decode(),
+                feature[mask_records.FRAME_INDEX_KEY].int64_list.value[0], feature[mask_records.HEIGHT_KEY].int64_list.value[0],
+                feature[mask_records.WIDTH_KEY].int64_list.value[0],
+                {k: v.numpy() for k, v in mask_records.parse_example(serialized).items()}))
   return out
 
 

@@ -19,6 +19,7 @@ from tests import helpers
 from tests.test_distributed import (PRETRAIN, START_TIMEOUT_S, fingerprint, free_ports, processes,
                                     smoke_config)
 from tf_mtssl.runs import checkpoints
+from tf_mtssl.pretraining import preemption
 from tf_mtssl.pretraining import trainer as train
 
 
@@ -124,7 +125,7 @@ def test_sigterm_to_one_of_two_workers_stops_both_at_one_step_with_its_checkpoin
     os.kill(workers[1].pid, signal.SIGTERM)  # the non-chief: the chief must learn of it and save
     rcs = procs.wait(workers, 120)
     logs = [procs.log(w) for w in workers]
-  assert rcs == [train.PREEMPTED_EXIT_CODE] * 2, "\n".join(log[-3000:] for log in logs)
+  assert rcs == [preemption.PREEMPTED_EXIT_CODE] * 2, "\n".join(log[-3000:] for log in logs)
   stops = {int(m) for log in logs for m in re.findall(r"Stopped at step (\d+) by a signal", log)}
   assert len(stops) == 1, stops  # one agreed step
   stopped = stops.pop()

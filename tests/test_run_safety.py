@@ -26,7 +26,7 @@ from tests.test_preemption import checkpoint_steps, wait_for
 from tests.test_train import make_trainer
 from tf_mtssl.runs import checkpoints
 from tf_mtssl.runs import lock as run_lock
-from tf_mtssl.pretraining import trainer as train
+from tf_mtssl.pretraining import preemption
 from tf_mtssl.data import sources
 
 
@@ -207,7 +207,7 @@ def test_sigterm_works_while_the_input_check_is_starved(tmp_path, photos):
     os.kill(proc.pid, signal.SIGTERM)
     (rc,) = procs.wait([proc], 30)
     log = procs.log(proc)
-  assert rc == train.PREEMPTED_EXIT_CODE, log[-3000:]
+  assert rc == preemption.PREEMPTED_EXIT_CODE, log[-3000:]
   assert time.time() - sent < 30
   assert "while reading the first examples: nothing was written" in log
   assert not run.exists()
@@ -217,6 +217,7 @@ STARVING_RUN = """
 import sys, time
 import tensorflow as tf
 from tests import helpers
+from tf_mtssl.pretraining import preemption
 from tf_mtssl.pretraining import trainer as train
 
 Rp = type(helpers.tiny_task("rp"))
@@ -256,7 +257,7 @@ def test_sigterm_works_while_a_training_step_is_starved(tmp_path, photos):
     os.kill(proc.pid, signal.SIGTERM)
     (rc,) = procs.wait([proc], 60)
     log = procs.log(proc)
-  assert rc == train.PREEMPTED_EXIT_CODE, log[-3000:]
+  assert rc == preemption.PREEMPTED_EXIT_CODE, log[-3000:]
   assert re.search(r"no step finished within \d+ s", log) and f"resumes from {run}/ckpt-2" in log, log[-3000:]
   assert "RETURNED" not in log
   assert checkpoint_steps(run) == [2] and not os.path.exists(os.path.join(run, run_lock.LOCK_FILE))

@@ -39,7 +39,6 @@ import tensorflow as tf
 
 from tf_mtssl.core import schedules
 from tf_mtssl.core import configs
-from tf_mtssl.model import lasso as lasso_lib
 from tf_mtssl.evaluation import metrics
 from tf_mtssl.model import preprocessing
 from tf_mtssl.core import progress as progress_lib

@@ -28,7 +28,7 @@ import os
 import re
 import shutil
 import uuid
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 import keras
 import numpy as np

@@ -35,10 +35,9 @@ import dataclasses
 import datetime
 import json
 import os
-import re
 import shutil
 import uuid
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import keras
 import tensorflow as tf

@@ -87,7 +87,7 @@ def _os_bind_error(host: str, port: int) -> Optional[str]:
     addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
   except socket.gaierror as e:
     return f"unknown host ({e.strerror})"
-  errors = []
+  failures = []
   for family, kind, proto, _, address in addresses:
     with socket.socket(family, kind, proto) as probe:
       probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC: TIME_WAIT does not count
@@ -96,9 +96,9 @@ def _os_bind_error(host: str, port: int) -> Optional[str]:
       except OSError as e:
         if e.errno == errno.EADDRINUSE:
           return e.strerror
-        errors.append(e.strerror or str(e))
+        failures.append(e.strerror or str(e))
   # gRPC binds what it can of a name such as localhost (e.g. IPv4 only): fail only if nothing binds.
-  return errors[0] if len(errors) == len(addresses) else None
+  return failures[0] if len(failures) == len(addresses) else None
 
 
 def bind_grpc(host: str = model_server.DEFAULT_HOST, port: int = 8500, num_threads: int = 8,

@@ -13,7 +13,7 @@ import logging
 import math
 import os
 import time
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import keras
 import numpy as np
@@ -27,7 +27,6 @@ from tf_mtssl.model import preprocessing
 from tf_mtssl.core import progress as progress_lib
 from tf_mtssl.evaluation.detection.model import FasterRCNN
 from tf_mtssl.evaluation import outputs
-from tf_mtssl.runs import trunk_source
 
 log = logging.getLogger(__name__)
 

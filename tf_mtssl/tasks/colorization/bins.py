@@ -39,7 +39,7 @@ LUT_SIZE = 256
 # The 313 ab bins.
 
 
-def _rgb_cube_surface(levels: int = 256) -> np.ndarray:
+def rgb_cube_surface(levels: int = 256) -> np.ndarray:
   """All 8-bit sRGB colours on the surface of the RGB cube, float64 [6 * levels^2, 3] in [0, 1].
 
   The ab image of the cube's interior lies inside the image of its surface (Lab is a continuous
@@ -79,7 +79,7 @@ def _inside_convex_polygon(points: np.ndarray, polygon: np.ndarray, tol: float =
 
 @functools.lru_cache(maxsize=1)
 def _derived_bin_centers() -> np.ndarray:
-  ab = color.rgb_to_lab(tf.constant(_rgb_cube_surface(), tf.float64)).numpy()[:, 1:]
+  ab = color.rgb_to_lab(tf.constant(rgb_cube_surface(), tf.float64)).numpy()[:, 1:]
   gamut = _convex_polygon(ab)
   square = BIN_STEP * np.array([[1, 1], [1, -1], [-1, 1], [-1, -1]], np.float64)
   # Minkowski sum hull + square: c is inside iff c + [-10, 10]^2 meets the hull.
