@@ -74,8 +74,12 @@ class MotionSegmentationTask(Task):
     return self.image_size // self.options.predict_stride
 
   def example_from_record(self, record, seed):
-    both = tf.concat([record["image"], record["mask"]], axis=-1)  # one crop/flip for frame and mask
-    crop = preprocessing.random_crop_resize(both, self.image_size, seed, self.options.min_crop_scale)
+    # One crop/flip for frame and mask: the two crops, joined as one 4-channel image, are resized
+    # together (joined after cropping: the channel concat copies only the crop).
+    y, x, side, flip = preprocessing.random_square_crop(tf.shape(record["image"]), seed,
+                                                        self.options.min_crop_scale)
+    both = tf.concat([record["image"][y:y + side, x:x + side], record["mask"][y:y + side, x:x + side]], axis=-1)
+    crop = preprocessing.resize_and_flip(both, self.image_size, flip)
     mask = tf.image.resize(crop[..., 3:] / 255.0, [self.target_size] * 2, method="area")
     return {"frame": crop[..., :3], "mask": tf.clip_by_value(mask, 0.0, 1.0),
             NUM_CORRUPT_KEY: record[NUM_CORRUPT_KEY]}
