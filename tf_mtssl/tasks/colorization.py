@@ -364,7 +364,7 @@ class ColorizationTask(Task):
 
   @staticmethod
   def _bn(name):
-    return layers.BatchNormalization(epsilon=trunk_lib.BN_EPSILON, momentum=trunk_lib.BN_MOMENTUM, name=name)
+    return trunk_lib.batch_normalization(name)  # the trunk's constants and fused mixed-precision kernel
 
   def loss_and_metrics(self, batch, predictions):
     logits = tf.cast(predictions, tf.float32)

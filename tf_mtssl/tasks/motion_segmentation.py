@@ -24,6 +24,7 @@ import tensorflow as tf
 from keras import layers
 
 from tf_mtssl import motion_masks, preprocessing
+from tf_mtssl import trunk as trunk_lib
 from tf_mtssl.data import embedded, sources
 from tf_mtssl.tasks.base import NUM_CORRUPT_KEY, Task
 
@@ -110,10 +111,10 @@ class MotionSegmentationTask(Task):
     o = self.options
     features = keras.Input(shape=tuple(feature_shape), name="block3")
     x = layers.Conv2D(o.head_width, 3, padding="same", use_bias=False, name="conv")(features)
-    x = layers.ReLU()(layers.BatchNormalization(name="conv_bn")(x))
+    x = layers.ReLU()(trunk_lib.FusedBatchNormalization(name="conv_bn")(x))
     if o.predict_stride == 8:
       x = layers.Conv2DTranspose(o.head_width, 4, strides=2, padding="same", use_bias=False, name="up")(x)
-      x = layers.ReLU()(layers.BatchNormalization(name="up_bn")(x))
+      x = layers.ReLU()(trunk_lib.FusedBatchNormalization(name="up_bn")(x))
     logits = layers.Conv2D(1, 1, dtype="float32", name="logits")(x)
     return keras.Model(features, logits, name="ms_head")
 

@@ -33,6 +33,7 @@ import tensorflow as tf
 from keras import layers
 
 from tf_mtssl import preprocessing
+from tf_mtssl import trunk as trunk_lib
 from tf_mtssl.data import sources
 from tf_mtssl.tasks.base import NUM_CORRUPT_KEY, Task
 
@@ -268,7 +269,7 @@ class RelativePositionTask(Task):
     o = self.options
     features = keras.Input(shape=tuple(feature_shape), name="block3")
     x = layers.Conv2D(o.reduce_channels, 1, use_bias=False, name="reduce")(features)
-    x = layers.ReLU()(layers.BatchNormalization(name="reduce_bn")(x))
+    x = layers.ReLU()(trunk_lib.FusedBatchNormalization(name="reduce_bn")(x))
     x = layers.Flatten()(x)
     x = layers.Dense(o.hidden, use_bias=False, name="fc6")(x)
     x = layers.ReLU()(layers.BatchNormalization(name="fc6_bn")(x))
