@@ -173,19 +173,43 @@ def pixelate(patches: tf.Tensor, seed: tf.Tensor, prob: float) -> tf.Tensor:
   return tf.tensor_scatter_nd_update(patches, chosen[:, None], resampled)
 
 
+NOISE_LEVELS = 256  # colour-dropping noise is drawn as bytes: U(-0.5, 0.5) in 256 levels [I]
+
+
+def colour_drop_draws(n: tf.Tensor, patch_size: int, seed: tf.Tensor):
+  """The random choices of `drop_colors` for n patches: the kept channel (int32 [n]) and the noise of
+  the two other channels as bytes (uint8 [n, P, P, 2]; value (byte + 0.5) / 256 - 0.5).
+
+  Drawn in the input pipeline, where TF's random ops give the same numbers whatever runs the model
+  (its draws change under XLA, --jit_compile): bytes cut from 32-bit draws, 4 per draw."""
+  seeds = tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), 2)
+  keep = tf.random.stateless_uniform([n], seeds[0], 0, 3, tf.int32)
+  size = n * patch_size * patch_size * 2
+  words = tf.random.stateless_uniform([(size + 3) // 4], seeds[1], minval=None, maxval=None, dtype=tf.int32)
+  noise = tf.reshape(tf.bitcast(words, tf.uint8), [-1])[:size]
+  return keep, tf.reshape(noise, tf.stack([n, patch_size, patch_size, 2]))
+
+
+# For each kept channel: where the three channels come from in [noise 0, noise 1, centred kept].
+_DROP_SOURCES = ((2, 0, 1), (0, 2, 1), (0, 1, 2))
+
+
+def drop_colors_with(patches: tf.Tensor, keep: tf.Tensor, noise: tf.Tensor, rms_scale: float) -> tf.Tensor:
+  """Colour dropping (paper_spec 3.1) with given draws (`colour_drop_draws`): keep channel `keep` of
+  each patch minus its mean, the noise in the two others, then scale the patch to RMS `rms_scale`.
+  patches float [n, P, P, 3], keep [n], noise uint8 [n, P, P, 2]."""
+  kept = tf.gather(patches, keep[:, None], axis=3, batch_dims=1)                 # [n, P, P, 1]
+  centred = kept - tf.reduce_mean(kept, axis=[1, 2], keepdims=True)
+  values = (tf.cast(noise, tf.float32) + 0.5) / NOISE_LEVELS - 0.5
+  dropped = tf.gather(tf.concat([values, centred], axis=-1), tf.gather(tf.constant(_DROP_SOURCES), keep), axis=3, batch_dims=1)
+  rms = tf.sqrt(tf.reduce_mean(tf.square(dropped), axis=[1, 2, 3], keepdims=True))
+  return dropped * (rms_scale / tf.maximum(rms, 1e-3))
+
+
 def drop_colors(patches: tf.Tensor, seed: tf.Tensor, rms_scale: float) -> tf.Tensor:
   """Colour dropping (paper_spec 3.1): keep one random channel minus its mean, replace the others
   by U(-0.5, 0.5) noise (pixel units), then scale the patch to RMS `rms_scale`."""
-  n = tf.shape(patches)[0]
-  seeds = tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), 2)
-  keep = tf.random.stateless_uniform([n], seeds[0], 0, 3, tf.int32)
-  # Only the kept channel is centred, and one select (not two products) assembles the patch.
-  kept = tf.gather(patches, keep[:, None], axis=3, batch_dims=1)                 # [n, P, P, 1]
-  centred = kept - tf.reduce_mean(kept, axis=[1, 2], keepdims=True)
-  noise = tf.random.stateless_uniform(tf.shape(patches), seeds[1], -0.5, 0.5)
-  dropped = tf.where(tf.cast(tf.one_hot(keep, 3), tf.bool)[:, None, None, :], centred, noise)
-  rms = tf.sqrt(tf.reduce_mean(tf.square(dropped), axis=[1, 2, 3], keepdims=True))
-  return dropped * (rms_scale / tf.maximum(rms, 1e-3))
+  return drop_colors_with(patches, *colour_drop_draws(tf.shape(patches)[0], patches.shape[1], seed), rms_scale)
 
 
 class _GroupPatches(layers.Layer):
@@ -232,15 +256,18 @@ class RelativePositionTask(Task):
     return self.colour_patches(pixelate(patches, seeds[0], self.options.pixelation_prob), seeds[1])
 
   def example_from_image(self, image: tf.Tensor, seed: tf.Tensor) -> Dict[str, tf.Tensor]:
-    """One example: the pixelated grid ("patches", float32 [9, P, P, 3] in [0, 255]) and the seed of its
-    colour step ("colour_seed", int64 [2]). `trunk_inputs` applies the colour step (on the
-    accelerator: the noise and pixel-wise passes of colour dropping were a third of this pipeline's
-    CPU cost, bench.input_pipeline); together they equal `preprocess_patches` of the grid."""
+    """One example: the pixelated grid ("patches", float32 [9, P, P, 3] in [0, 255]) and, unless
+    harmonized, the draws of its colour dropping ("colour_keep", "colour_noise": `colour_drop_draws`).
+    `trunk_inputs` applies the colour step (on the accelerator: its pixel-wise passes were a third of
+    this pipeline's CPU cost, bench.input_pipeline); together they equal `preprocess_patches`."""
     seeds = tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), 3)
     patches, _ = rescaled_patch_grid(image, seeds[0], seeds[1], self.options)
     pixelation_seed, colour_seed = tf.unstack(tf.random.experimental.stateless_split(seeds[2], 2))
-    return {"patches": pixelate(patches, pixelation_seed, self.options.pixelation_prob),
-            "colour_seed": colour_seed}
+    example = {"patches": pixelate(patches, pixelation_seed, self.options.pixelation_prob)}
+    if not self.harmonize:
+      example["colour_keep"], example["colour_noise"] = colour_drop_draws(NUM_PATCHES, self.options.patch_size,
+                                                                          colour_seed)
+    return example
 
   def build_dataset(self, data, batch_size, *, seed=0, tfds_data_dir=None, input_context=None):
     ds = sources.image_dataset(data, seed=seed, tfds_data_dir=tfds_data_dir, input_context=input_context)
@@ -256,14 +283,18 @@ class RelativePositionTask(Task):
     return (self.options.patch_size, self.options.patch_size, 3)
 
   def coloured_patches(self, batch) -> tf.Tensor:
-    """The batch's trunk-ready patches, float32 [B, 9, P, P, 3]: `colour_patches` per example, each
-    with its own seed (as the pipeline drew it)."""
-    return tf.map_fn(lambda args: self.colour_patches(*args), (batch["patches"], batch["colour_seed"]),
-                     fn_output_signature=tf.float32)
+    """The batch's trunk-ready patches, float32 [B * 9, P, P, 3]: the colour step with the draws the
+    pipeline made (`example_from_image`)."""
+    p = self.options.patch_size
+    patches = tf.reshape(batch["patches"], [-1, p, p, 3])
+    if self.harmonize:
+      from tf_mtssl import color  # paper_spec 6: the same gray preprocessing as colorization
+      return color.to_gray_input(patches)
+    return drop_colors_with(patches, tf.reshape(batch["colour_keep"], [-1]),
+                            tf.reshape(batch["colour_noise"], [-1, p, p, 2]), self.options.rms_scale)
 
   def trunk_inputs(self, batch):
-    p = self.options.patch_size
-    return tf.reshape(self.coloured_patches(batch), [-1, p, p, 3])
+    return self.coloured_patches(batch)
 
   def build_head(self, feature_shape):
     o = self.options
@@ -294,7 +325,7 @@ class RelativePositionTask(Task):
   def summary_images(self, batch, predictions):
     """The first example's 3x3 grid of (preprocessed) patches, tiled with 2-px gaps."""
     del predictions
-    patches = self.coloured_patches({k: batch[k][:1] for k in ("patches", "colour_seed")})[0]
+    patches = self.coloured_patches({k: v[:1] for k, v in batch.items() if k.startswith(("patches", "colour_"))})
     lo = tf.reduce_min(patches, axis=[1, 2, 3], keepdims=True)
     hi = tf.reduce_max(patches, axis=[1, 2, 3], keepdims=True)
     patches = tf.pad((patches - lo) / tf.maximum(hi - lo, 1e-6), [[0, 0], [2, 2], [2, 2], [0, 0]])
