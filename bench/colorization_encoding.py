@@ -7,8 +7,9 @@ On one real batch of `ColorizationTask.build_dataset` (the embedded photos, else
 the target encoding of the batch (`TargetEncoder` on the stride-8 ab, under `tf.function`; the
 pipeline runs it once per batch) and one training step of a colorization `Trainer` (trunk + head +
 rebalanced soft cross-entropy + RMSProp), timed in interleaved rounds after warm-up. Goal: encoding
-< 5 % of the step. The Lab conversion of the full-resolution crops (which the pipeline also does, for
-the input L and the gray rule) is reported beside it for information.
+< 5 % of the step. The Lab conversion of the full-resolution crops (the trunk input's L, which
+`ColorizationTask.trunk_inputs` computes in the step, on the accelerator) is reported beside it for
+information.
 """
 
 from bench import common

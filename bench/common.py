@@ -10,6 +10,7 @@ when it was measured, so a reader can tell a quiet run from a busy one.
 import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -90,6 +91,34 @@ def _synthetic_mask_shard() -> str:
       h, w = mask.shape
       mask[h // 4:3 * h // 4, w // 4:3 * w // 4] = 255
       writer.write(motion_mask_records.make_example(rgb[..., ::-1].copy(), mask, name, index).SerializeToString())
+  return folder
+
+
+def jpeg_photo_folder(width: int = 500, height: int = 375) -> str:
+  """A temporary folder of real photos as JPEG files (quality 90), each centre-cropped to 4:3 and
+  resized to `width` x `height` (portrait photos to height x width): what a large training set looks
+  like on disk (500x375 is ImageNet's most common size), read and decoded anew every epoch; one size
+  for all, so every image costs a pipeline the same. The photos are the embedded set's when prepared,
+  else scikit-image's; the embedded colorization prior is copied beside them when there is one."""
+  from PIL import Image
+  from tf_mtssl.data import embedded, sources
+  key = f"jpeg{width}x{height}"
+  if key in _DATA:
+    return _DATA[key]
+  photos = str(embedded.images_dir()) if embedded.images_dir().is_dir() else _skimage_photo_folder()
+  folder = tempfile.mkdtemp(prefix="bench_jpeg_")
+  for path in sources.list_image_files(photos):
+    image = Image.open(path).convert("RGB")
+    w, h = (width, height) if image.size[0] >= image.size[1] else (height, width)
+    scale = min(image.size[0] / w, image.size[1] / h)  # the largest w:h box, centred
+    box_w, box_h = w * scale, h * scale
+    left, top = (image.size[0] - box_w) / 2, (image.size[1] - box_h) / 2
+    image = image.resize((w, h), Image.LANCZOS, box=(left, top, left + box_w, top + box_h))
+    image.save(os.path.join(folder, os.path.splitext(os.path.basename(path))[0] + ".jpg"), quality=90)
+  prior = embedded.root() / "colorization_prior.npy"
+  if prior.is_file():
+    shutil.copy(prior, os.path.join(folder, "colorization_prior.npy"))
+  _DATA[key] = folder
   return folder
 
 
@@ -195,28 +224,45 @@ def fetch(result):
       t.numpy()
 
 
-def time_calls(fn: Callable[[], object], warmup: int, repeats: int) -> float:
-  """Seconds per call of `fn` (its result fetched to host), warm-up calls excluded."""
+def time_calls(fn: Callable[[], object], warmup: int, repeats: int,
+               clock: Callable[[], float] = time.perf_counter) -> float:
+  """Seconds per call of `fn` (its result fetched to host), warm-up calls excluded.
+
+  clock: wall time by default; `time.process_time` counts this process's CPU seconds instead (all
+  its threads), which other processes on a shared machine do not inflate."""
   for _ in range(warmup):
     fetch(fn())
-  start = time.perf_counter()
+  start = clock()
   for _ in range(repeats):
     fetch(fn())
-  return (time.perf_counter() - start) / repeats
+  return (clock() - start) / repeats
 
 
 def time_interleaved(fns: Dict[str, Callable[[], object]], warmup: int, repeats: int,
-                     rounds: int) -> Dict[str, float]:
+                     rounds: int, clock: Callable[[], float] = time.perf_counter) -> Dict[str, float]:
   """Seconds per call of each fn: warm-up excluded, then `rounds` rounds of `repeats` calls of every
-  fn in turn; each fn's figure is its best round (see the module docstring)."""
+  fn in turn; each fn's figure is its best round (see the module docstring). clock: see `time_calls`."""
   for fn in fns.values():
     for _ in range(warmup):
       fetch(fn())
   best = {name: float("inf") for name in fns}
   for _ in range(rounds):
     for name, fn in fns.items():
-      best[name] = min(best[name], time_calls(fn, 0, repeats))
+      best[name] = min(best[name], time_calls(fn, 0, repeats, clock))
   return best
+
+
+def wait_until_idle(poll_s: float = 0.1, busy_fraction: float = 0.02, quiet_polls: int = 3,
+                    timeout_s: float = 120.0) -> None:
+  """Returns once this process has used less than `busy_fraction` of a core in each of `quiet_polls`
+  consecutive `poll_s` intervals (e.g. when the background threads of its tf.data pipelines have
+  filled their buffers), or after `timeout_s`. Several quiet polls in a row, so that threads merely
+  starved by other processes on a busy machine are not taken for finished."""
+  deadline, quiet_polls_seen = time.perf_counter() + timeout_s, 0
+  while quiet_polls_seen < quiet_polls and time.perf_counter() < deadline:
+    before = time.process_time()
+    time.sleep(poll_s)
+    quiet_polls_seen = quiet_polls_seen + 1 if time.process_time() - before < busy_fraction * poll_s else 0
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -224,11 +270,11 @@ def time_interleaved(fns: Dict[str, Callable[[], object]], warmup: int, repeats:
 
 
 def make_trainer(names: Sequence[str], quick: bool, batches: Optional[Dict[str, int]] = None,
-                 options: Optional[Dict[str, dict]] = None, **config):
+                 options: Optional[Dict[str, dict]] = None, data: Optional[Dict[str, str]] = None, **config):
   """A `tf_mtssl.pretraining.trainer.Trainer` of tasks `names` at the mode's shapes, in a temporary model_dir.
 
   batches: source images per task batch (default `BATCHES[quick]`); options: per-task option
-  overrides; config: more `TrainConfig` fields.
+  overrides; data: per-task source specs (default `data_spec`); config: more `TrainConfig` fields.
   """
   from tf_mtssl.pretraining import trainer as train
   batches = {**BATCHES[quick], **(batches or {})}
@@ -237,7 +283,7 @@ def make_trainer(names: Sequence[str], quick: bool, batches: Optional[Dict[str, 
                           task_batch_sizes={n: batches[n] for n in names}, progress_bar=False,
                           grad_cosine_every=0, **config)
   return train.Trainer(tempfile.mkdtemp(prefix="bench_trainer_"), tasks, trunk_config(quick), cfg,
-                       {n: data_spec(n) for n in names})
+                       {n: (data or {}).get(n) or data_spec(n) for n in names})
 
 
 def first_batches(trainer, seed: int = 0) -> dict:

@@ -3,12 +3,20 @@
 
   python -m bench.mixed_precision [--quick]
 
-Trunk: the same trunk (output stride 16) built twice, once under the float32 policy and once with
-`keras.mixed_precision.set_global_policy("mixed_bfloat16")` around the build (the global policy is
-reset to float32 right after); same images, same RMSProp step (`bench.trunk_step.train_step`),
-interleaved rounds after warm-up. Trainer: a four-task `Trainer` (`TrainConfig.mixed_precision`
-"bfloat16" vs "none") on the same fixed batches, one trainer after the other (memory), best of a few
-steps after warm-up. Ratio: bf16 throughput / fp32 throughput.
+Trunk: the same trunk (output stride 16) built under the float32 policy and under
+`keras.mixed_precision.set_global_policy("mixed_bfloat16")` (reset to float32 right after); same
+images, same RMSProp step (`bench.trunk_step.train_step`), interleaved rounds after warm-up. Three
+trunks are timed side by side in both dtypes: this project's (`tf_mtssl.model.trunk.FusedBatchNormalization`:
+one fused kernel per batch norm in bfloat16), the same trunk with Keras' own batch norm
+(`build_trunk(batch_norm="keras")`: what it was before; Keras 3 casts every activation to float32
+and back around separate batch-norm ops), and keras.applications ResNetV2 (its block 3, stride 32:
+the reference ratio on this machine). A fourth row counts the activation casts of the bfloat16 step
+(4-D Cast ops, not counting those of the conv kernels' float32 master weights and their gradients)
+for our trunk vs the Keras-BN one. Without AVX512-BF16 / AMX (or a GPU) bfloat16 is emulated and
+slower than float32: then the ratios cannot show the goal, and the cast counts are what shows the fix.
+Trainer: a four-task `Trainer` (`TrainConfig.mixed_precision` "bfloat16" vs "none") on the same fixed
+batches, one trainer after the other (memory), best of a few steps after warm-up. Ratio: bf16
+throughput / fp32 throughput.
 Full: ResNet-101 at 224 px, batch 8 (Trainer: the bench's paper-shape batches). Quick: ResNet-50
 trunk at 64 px, batch 4 (Trainer: the smoke trunk and heads).
 """
@@ -47,18 +55,46 @@ def trainer_has_mixed_precision() -> bool:
   return "mixed_precision" in {f.name for f in dataclasses.fields(train.TrainConfig)}
 
 
+def activation_casts(step) -> int:
+  """4-D Cast ops in the graph of the compiled step `step`, except those of conv kernels (float32
+  master weights read as bfloat16, and their gradients cast back): the activations' casts."""
+  graph = step.get_concrete_function().graph
+  return sum(1 for op in graph.get_operations()
+             if op.type == "Cast" and op.outputs[0].shape.rank == 4
+             and op.inputs[0].op.type not in ("ReadVariableOp", "Conv2DBackpropFilter"))
+
+
 def trunk_rows(quick: bool):
   from tf_mtssl.model import trunk as trunk_lib
+  from bench.trunk_step import REFERENCES, reference_model
   s = SETTINGS[bool(quick)]
   images = random_images(s)
-  steps = {policy: _under_policy(policy, lambda: train_step(trunk_lib.build_trunk(s["depth"], output_stride=16),
-                                                            lambda out: out["block3"], images))
-           for policy in ("float32", "mixed_bfloat16")}
+  block3 = lambda out: out["block3"]  # noqa: E731
+  builders = {"ours": (lambda: trunk_lib.build_trunk(s["depth"], output_stride=16), block3),
+              "keras_bn": (lambda: trunk_lib.build_trunk(s["depth"], output_stride=16, batch_norm="keras"), block3),
+              "reference": (lambda: reference_model(s["depth"], s["image"]), lambda out: out)}
+  steps = {}
+  for name, (build, output_fn) in builders.items():
+    for policy in ("float32", "mixed_bfloat16"):
+      steps[f"{name} {policy}"] = _under_policy(policy, lambda: train_step(build(), output_fn, images))
+  casts = {name: activation_casts(steps[f"{name} mixed_bfloat16"]) for name in ("ours", "keras_bn")}
   seconds = common.time_interleaved(steps, s["warmup"], s["repeats"], s["rounds"])
-  fp32, bf16 = s["batch"] / seconds["float32"], s["batch"] / seconds["mixed_bfloat16"]
-  return [Row(name=f"trunk R{s['depth']} train step bf16 / fp32 ({s['image']}px b{s['batch']})", figure=bf16,
-              unit="img/s", reference=fp32, ratio=bf16 / fp32, goal=GOAL, dtype="mixed_bfloat16",
-              note="ref: the same trunk and step in float32" + _cpu_note())]
+  rate = {key: s["batch"] / t for key, t in seconds.items()}
+  shape = f"({s['image']}px b{s['batch']})"
+  ref_model, ref_layer = REFERENCES[s["depth"]]
+  rows = []
+  for name, label, note in (("ours", f"trunk R{s['depth']}", "fused batch norm"),
+                            ("keras_bn", f"trunk R{s['depth']} Keras BN (before)", "Keras' batch norm"),
+                            ("reference", f"keras {ref_model}", f"keras.applications {ref_model} to {ref_layer}")):
+    bf16, fp32 = rate[f"{name} mixed_bfloat16"], rate[f"{name} float32"]
+    rows.append(Row(name=f"{label} train step bf16 / fp32 {shape}", figure=bf16, unit="img/s", reference=fp32,
+                    ratio=bf16 / fp32, goal=GOAL if name == "ours" else "", dtype="mixed_bfloat16",
+                    note=f"ref: the same step in float32; {note}" + _cpu_note()))
+  rows.append(Row(name=f"trunk R{s['depth']} bf16 step activation casts {shape}", figure=casts["ours"],
+                  unit="Cast ops", reference=casts["keras_bn"], ratio=casts["ours"] / casts["keras_bn"],
+                  dtype="mixed_bfloat16",
+                  note="4-D casts but the conv kernels'; ref: the same trunk with Keras' batch norm"))
+  return rows
 
 
 def trainer_rows(quick: bool):

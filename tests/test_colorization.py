@@ -5,7 +5,10 @@ import sys
 
 import numpy as np
 import pytest
+import skimage.color
+import skimage.data
 import skimage.io
+import skimage.transform
 import tensorflow as tf
 
 from tests import helpers
@@ -176,7 +179,8 @@ def test_batches_and_gray_image_gets_zero_weight(photos):
   task = col.ColorizationTask(small_options(), image_size=SIZE)
   ds = task.build_dataset(photos, 5, seed=3)
   batch = next(iter(ds))
-  assert batch["lightness"].shape == (5, SIZE, SIZE, 1)
+  assert batch["image"].shape == (5, SIZE, SIZE, 3) and batch["image"].dtype == tf.uint8
+  assert batch["target_ab"].shape == (5, 8, 8, 2)
   assert batch["target_bins"].shape == (5, 8, 8, 5) and batch["target_bins"].dtype == tf.int32
   assert batch["pixel_weights"].shape == (5, 8, 8)
   assert batch["num_corrupt"].shape == (5,)
@@ -276,3 +280,50 @@ def test_prepare_embedded_step_writes_the_prior_beside_the_data(tmp_path, monkey
     prior = task.prior("embedded")
   assert "no colorization prior" not in caplog.text
   np.testing.assert_allclose(prior, col_prior.compute_prior(str(tmp_path / "images"), num_images=0)[0])
+
+
+def task_crop(task, image, seed):
+  from tf_mtssl.model import preprocessing
+  return preprocessing.random_crop_resize(image, task.image_size, seed, min_scale=task.options.min_crop_scale)
+
+
+def _gray_with_colour_dots(offgrid: bool):
+  """A SIZE x SIZE gray photo with saturated red pixels every 8 px, off the stride-8 target grid (also
+  when mirrored) or on it."""
+  image = np.repeat(skimage.data.camera()[::8, ::8, None], 3, axis=-1).copy()
+  assert image.shape == (SIZE, SIZE, 3)
+  rows = np.arange(1, SIZE, 8) if offgrid else np.arange(col_bins.TARGET_OFFSET, SIZE, col_bins.TARGET_STRIDE)
+  image[np.ix_(rows, rows)] = [255, 0, 0]
+  return tf.constant(image)
+
+
+def test_example_targets_and_gray_flag_equal_the_full_resolution_lab():
+  """The pipeline computes Lab only at the target pixels (and at all pixels only for crops whose
+  targets are gray): the same targets and the same gray flag as from the crop's full Lab."""
+  task = col.ColorizationTask(small_options(), image_size=SIZE)
+  whole = col.ColorizationTask(small_options(min_crop_scale=1.0), image_size=SIZE)  # crop = the image
+  photo = (skimage.transform.resize(skimage.data.coffee(), (90, 120), anti_aliasing=True) * 255).astype(np.uint8)
+  camera = tf.constant(np.repeat(skimage.data.camera()[::4, ::4, None], 3, -1))
+  cases = [(task, tf.constant(photo), False), (task, camera, True),
+           (whole, _gray_with_colour_dots(offgrid=True), False),  # targets gray, colour elsewhere
+           (whole, _gray_with_colour_dots(offgrid=False), False)]
+  for t, image, gray in cases:
+    for i in range(3):
+      seed = tf.constant([i, 6])
+      example = t.example_from_image(image, seed)
+      crop = tf.clip_by_value(task_crop(t, image, seed), 0.0, 255.0)
+      lab = color.rgb_to_lab(crop / 255.0).numpy()
+      np.testing.assert_allclose(example["target_ab"], lab[4::8, 4::8, 1:], rtol=1e-5, atol=1e-4)
+      assert bool(example["is_gray"]) == bool(col_bins.is_gray_image(lab[..., 1:], t.options.gray_threshold)) == gray
+      np.testing.assert_array_equal(example["image"], np.round(crop.numpy()).astype(np.uint8))
+  # The off-grid case is the one only the full check settles: its targets are all gray.
+  example = whole.example_from_image(_gray_with_colour_dots(offgrid=True), tf.constant([0, 6]))
+  assert np.abs(example["target_ab"]).max() <= whole.options.gray_threshold and not bool(example["is_gray"])
+
+
+def test_trunk_input_is_the_lightness_of_the_crop_as_skimage_computes_it(photos):
+  task = col.ColorizationTask(small_options(), image_size=SIZE)
+  batch = helpers.first_batch(task, data=photos, batch_size=3, seed=2)
+  lightness = skimage.color.rgb2lab(batch["image"].numpy())[..., :1]  # from the uint8 crop
+  expected = color.lightness_to_gray_input(tf.constant(lightness, tf.float32)).numpy()
+  np.testing.assert_allclose(task.trunk_inputs(batch), expected, rtol=0, atol=255 * 1e-4)

@@ -146,7 +146,7 @@ def test_batch_layout_and_determinism(photos_dir):
   inputs = task.trunk_inputs(batch)
   assert inputs.shape == (12, 40, 40, 3) and inputs.dtype == tf.float32
   # Image-major order: row b * V + v is view v of image b.
-  np.testing.assert_allclose(inputs[1 * 4 + 2], preprocessing.rgb_to_trunk_input(batch["views"][1, 2]))
+  np.testing.assert_allclose(inputs[1 * 4 + 2], preprocessing.rgb_to_trunk_input(task.coloured_views(batch)[1, 2]))
   again = helpers.first_batch(task, photos_dir, batch_size=3, seed=5)
   np.testing.assert_array_equal(batch["views"], again["views"])
   other = helpers.first_batch(task, photos_dir, batch_size=3, seed=6)
@@ -221,3 +221,62 @@ def test_paper_flagfile_builds_the_paper_task():
   task = task_registry.make_task("ex", options=options, image_size=int(cfg["image_size"]))
   assert (task.options.views, task.options.embedding_dim, task.options.margin, task.options.distance) == (
       8, 1000, 0.5, "cosine")
+
+
+def _log_uniform(shape, seed, lo, hi):
+  return tf.exp(tf.random.stateless_uniform(shape, seed, np.log(lo), np.log(hi)))
+
+
+def test_views_equal_the_reference_composition(photo):
+  """`exemplar_views` (geometry in the pipeline, colours in the model) gives what one pass of the
+  documented steps gives: one warp per view of the image, contrast 1, contrast 2 and hue, rounding."""
+  params = augment.ExemplarAugmentation()
+  size = 64  # the 100-px photo's seed patch (60 px) is not shrunk first at this size
+  warp_any_count = tf.function(lambda canvas, t: augment.affine_views(canvas, t, size), input_signature=[
+      tf.TensorSpec([None, None, 3], tf.uint8), tf.TensorSpec([None, 8], tf.float32)])  # a tiled canvas
+  for i in range(3):
+    seed = tf.constant([i, 2])
+    seeds = tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), 7)
+    transforms = augment.view_transforms(seeds[0], 4, tf.shape(photo)[:2], size, params)
+    views = tf.cast(warp_any_count(photo, transforms), tf.float32) / 255.0
+    mean, components = augment.principal_colour_components(photo)
+    views = augment.pca_contrast(views, mean, components, _log_uniform([4, 3], seeds[1], 0.5, 2.0))
+    views = augment.hsv_jitter(views, _log_uniform([4, 2], seeds[2], 0.25, 4.0), _log_uniform([4, 2], seeds[3], 0.7, 1.4),
+                               tf.random.stateless_uniform([4, 2], seeds[4], -0.1, 0.1),
+                               tf.random.stateless_uniform([4], seeds[5], -0.1, 0.1))
+    expected = np.round(np.clip(views.numpy(), 0, 1) * 255).astype(np.uint8)
+    out = augment.exemplar_views(photo, seed, num_views=4, size=size).numpy()
+    assert np.abs(out.astype(int) - expected).max() <= 1  # rounding of float-equal values
+    assert np.mean(out != expected) < 1e-3
+
+
+def test_one_warp_per_view_equals_the_warp_of_a_tiled_canvas(photo):
+  transforms = augment.view_transforms(tf.constant([4, 1]), 5, tf.shape(photo)[:2], 40, augment.ExemplarAugmentation())
+  dynamic = tf.function(lambda canvas, t: augment.affine_views(canvas, t, 40), input_signature=[
+      tf.TensorSpec([None, None, 3], tf.uint8), tf.TensorSpec([None, 8], tf.float32)])  # view count unknown
+  np.testing.assert_array_equal(augment.affine_views(photo, transforms, 40), dynamic(photo, transforms))
+
+
+def test_trunk_inputs_colour_each_view_with_its_own_draws(photo):
+  task = ExemplarTask(ExemplarOptions(views=3), image_size=40)
+  images = [photo, tf.image.flip_up_down(photo)]
+  seeds = [tf.constant([1, 1]), tf.constant([2, 1])]
+  examples = [task.views_from_image(image, seed) for image, seed in zip(images, seeds)]
+  batch = {"views": tf.stack([views for views, _ in examples])}
+  batch.update({k: tf.stack([colour[k] for _, colour in examples]) for k in augment.COLOUR_KEYS})
+  assert batch["views"].shape == (2, 3, 40, 40, 3) and batch["colour_mixing"].shape == (2, 3, 3, 3)
+  inputs = task.trunk_inputs(batch).numpy()
+  for b, (image, seed) in enumerate(zip(images, seeds)):
+    expected = preprocessing.rgb_to_trunk_input(augment.exemplar_views(image, seed, 3, 40)).numpy()
+    np.testing.assert_array_equal(inputs[3 * b:3 * b + 3], expected)
+
+
+def test_trunk_inputs_are_the_same_under_xla(photo):
+  """The colour step runs in the train step, which --jit_compile compiles: at most a rounding step of
+  the uint8 views may differ."""
+  task = ExemplarTask(ExemplarOptions(views=3), image_size=40)
+  views, colour = task.views_from_image(photo, tf.constant([3, 3]))
+  batch = {"views": views[None], **{k: v[None] for k, v in colour.items()}}
+  plain = tf.function(task.trunk_inputs)(batch).numpy()
+  compiled = tf.function(task.trunk_inputs, jit_compile=True)(batch).numpy()
+  assert np.abs(compiled - plain).max() <= 1.0 and np.mean(compiled != plain) < 0.01

@@ -43,11 +43,16 @@ def test_mixed_precision_is_finite_and_matches_float32(tmp_path, photos, referen
   assert keras.mixed_precision.global_policy().name == "float32"  # restored after building
   # float16 gets one dynamic loss scale per task; bfloat16 none.
   assert set(trainer.optimizer.loss_scales) == (set(TASKS) if precision == "float16" else set())
-  for ref, got in zip(reference, mixed):
+  # A float16 task whose first scaled gradients overflowed skipped that update (its loss scale halved:
+  # dynamic loss scaling at work; the tiny trunk's largest scaled gradient is ~0.9-1.0x float16's
+  # maximum at the initial scale 2^15, so rounding decides): only its first loss is comparable.
+  skipped = {n for n, scale in trainer.optimizer.loss_scales.items() if float(scale.numpy()) < 2.0 ** 15}
+  for step, (ref, got) in enumerate(zip(reference, mixed)):
     for name in TASKS:
       assert np.isfinite(float(got[name])) and got[name].dtype == "float32"
       # Same init (seeded) and batches: the first losses agree to low-precision rounding.
-      np.testing.assert_allclose(float(got[name]), float(ref[name]), rtol=0.05)
+      if step == 0 or name not in skipped:
+        np.testing.assert_allclose(float(got[name]), float(ref[name]), rtol=0.05)
 
 
 def test_bad_mixed_precision_is_rejected():

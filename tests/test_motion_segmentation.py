@@ -67,3 +67,22 @@ def test_loss_falls_when_overfitting_one_batch_of_embedded_masks():
 def test_missing_mask_source_names_the_path(tmp_path):
   with pytest.raises(FileNotFoundError, match=str(tmp_path)):
     ms.MotionSegmentationTask(image_size=32).build_dataset(str(tmp_path), 2)
+
+
+def test_example_equals_one_crop_of_frame_and_mask_joined():
+  """Frame and mask cropped apart, then joined and resized together: the same example as the crop
+  of the 4-channel frame + mask (`preprocessing.random_crop_resize`)."""
+  from tf_mtssl.model import preprocessing
+  rng = np.random.default_rng(1)
+  record = {"image": tf.constant(rng.integers(0, 256, (60, 90, 3), dtype=np.uint8)),
+            "mask": tf.constant(255 * rng.integers(0, 2, (60, 90, 1), dtype=np.uint8)),
+            "num_corrupt": tf.constant(0, tf.int64)}
+  task = ms.MotionSegmentationTask(ms.MotionSegmentationOptions(predict_stride=8), image_size=48)
+  for i in range(4):
+    seed = tf.constant([i, 3])
+    example = task.example_from_record(record, seed)
+    both = preprocessing.random_crop_resize(tf.concat([record["image"], record["mask"]], -1), 48, seed,
+                                            task.options.min_crop_scale)
+    np.testing.assert_array_equal(example["frame"], both[..., :3])
+    expected_mask = tf.image.resize(both[..., 3:] / 255.0, [6, 6], method="area")
+    np.testing.assert_array_equal(example["mask"], tf.clip_by_value(expected_mask, 0.0, 1.0))

@@ -86,3 +86,80 @@ def test_head_predicts_8_classes_per_pair():
   head = task.build_head((2, 2, 128))
   logits = head(np.zeros((2 * 9, 2, 2, 128), np.float32))
   assert tuple(logits.shape) == (2, 8, 8) and logits.dtype == "float32"
+
+
+@pytest.fixture(scope="module")
+def photo():
+  import skimage.data
+  return tf.constant(skimage.data.coffee())  # 400 x 600 uint8
+
+
+@pytest.mark.parametrize("shape", [(400, 600), (170, 260), (60, 90)])  # down- and upscaled, forced up
+def test_rescaled_patch_grid_equals_rescaling_the_whole_image_then_cutting(photo, shape):
+  image = tf.image.resize(photo, shape, antialias=True)
+  for i in range(3):
+    scale_seed, grid_seed = tf.constant([i, 1]), tf.constant([i, 2])
+    patches, top_left = rp.rescaled_patch_grid(image, scale_seed, grid_seed, OPTS)
+    expected, expected_top_left = rp.sample_patch_grid(rp.rescale_for_grid(image, scale_seed, OPTS), grid_seed, OPTS)
+    np.testing.assert_array_equal(top_left, expected_top_left)  # the same geometry
+    np.testing.assert_allclose(patches, expected, rtol=0, atol=255 * 1e-4)  # float rounding only
+
+
+def test_pixelate_resamples_exactly_the_chosen_patches():
+  patches = tf.random.uniform([12, 32, 32, 3], 0, 255, seed=3)
+  seed = tf.constant([8, 1])
+  out = rp.pixelate(patches, seed, 0.5).numpy()
+  sizes, chosen = (t.numpy() for t in rp.pixelation_draws(12, 32, seed, 0.5))
+  assert 0 < chosen.sum() < 12
+  assert sizes.min() >= int(10 * 32 / 96) and sizes.max() <= int(95 * 32 / 96)
+  for i in range(12):
+    expected = patches[i]
+    if chosen[i]:
+      small = tf.image.resize(patches[i], [sizes[i], sizes[i]], method="area")
+      expected = tf.image.resize(small, [32, 32], method="bilinear")
+    np.testing.assert_array_equal(out[i], expected.numpy())
+
+
+def test_colour_dropping_keeps_the_centred_channel_exactly():
+  patches = tf.random.uniform([6, 32, 32, 3], 0, 255, seed=4)
+  out = rp.drop_colors(patches, tf.constant([1, 9]), 50.0).numpy()
+  for o, x in zip(out, patches.numpy()):
+    kept = int(np.argmax(o.std(axis=(0, 1))))
+    noise = np.delete(o, kept, axis=-1)
+    centred = x[..., kept] - x[..., kept].mean()
+    scale = o[..., kept].std() / centred.std()
+    np.testing.assert_allclose(o[..., kept], centred * scale, rtol=1e-4, atol=1e-3)
+    # The noise channels are U(-0.5, 0.5) (in 256 levels) before the common scaling.
+    levels = np.unique(np.round((noise / scale + 0.5) * 256 - 0.5, 3))
+    assert levels.min() >= 0 and levels.max() <= 255 and np.allclose(levels, np.round(levels), atol=1e-2)
+    assert len(levels) > 250 and abs(np.mean(noise / scale)) < 0.02 and abs(np.var(noise / scale) - 1 / 12) < 0.005
+
+
+@pytest.mark.parametrize("harmonize", [False, True])
+def test_pipeline_and_trunk_inputs_equal_the_reference_preprocessing(photo, harmonize):
+  """The pipeline's example (windowed rescale, pixelation) and `trunk_inputs` (the colour step) give
+  what rescaling the whole image, cutting the grid and `preprocess_patches` give."""
+  task = rp.RelativePositionTask(OPTS, harmonize=harmonize)
+  image = tf.image.resize(photo, (150, 220), antialias=True)
+  for i in range(3):
+    seed = tf.constant([i, 4])
+    example = task.example_from_image(image, seed)
+    assert set(example) == ({"patches"} if harmonize else {"patches", "colour_keep", "colour_noise"})
+    inputs = task.trunk_inputs({k: v[None] for k, v in example.items()}).numpy()
+    seeds = tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), 3)
+    grid, _ = rp.sample_patch_grid(rp.rescale_for_grid(image, seeds[0], OPTS), seeds[1], OPTS)
+    expected = task.preprocess_patches(grid, seeds[2]).numpy()
+    assert inputs.shape == expected.shape == (9, 32, 32, 3)
+    scale = np.abs(expected).max()
+    np.testing.assert_allclose(inputs, expected, rtol=0, atol=1e-3 * scale)
+
+
+def test_colour_step_draws_the_same_noise_under_xla(photo):
+  """`trunk_inputs` runs in the train step, which --jit_compile compiles: its random draws must not
+  change under XLA (TF's float draws do, its integer draws do not)."""
+  task = rp.RelativePositionTask(OPTS)
+  examples = [task.example_from_image(photo, tf.constant([i, 8])) for i in range(2)]
+  batch = {k: tf.stack([e[k] for e in examples]) for k in examples[0]}
+  plain = tf.function(task.trunk_inputs)(batch).numpy()
+  compiled = tf.function(task.trunk_inputs, jit_compile=True)(batch).numpy()
+  np.testing.assert_allclose(compiled, plain, rtol=1e-4, atol=1e-4 * np.abs(plain).max())

@@ -47,20 +47,62 @@ def trunk_input_to_rgb(x: tf.Tensor, convention: str = DEFAULT_CONVENTION) -> tf
   return tf.clip_by_value(rgb / 255.0, 0.0, 1.0)
 
 
-def random_crop_resize(image: tf.Tensor, size: int, seed: tf.Tensor, min_scale: float = 0.35) -> tf.Tensor:
-  """Random square crop covering [min_scale, 1] of the shorter side, resized to `size`, random flip.
-
-  Stateless (seed: int32/int64 [2]) so pipelines are reproducible. uint8 in -> float32 [0, 255] out.
-  """
-  shape = tf.shape(image)
-  h, w = shape[0], shape[1]
+def random_square_crop(image_hw: tf.Tensor, seed: tf.Tensor, min_scale: float = 0.35):
+  """The random choices of `random_crop_resize` for an image of shape `image_hw`: the square crop's
+  top-left y, x and side (int32 scalars; the side covers [min_scale, 1] of the shorter side) and
+  whether to flip (bool scalar)."""
+  h, w = image_hw[0], image_hw[1]
   short = tf.minimum(h, w)
   seeds = tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), 4)
   scale = tf.random.stateless_uniform([], seeds[0], min_scale, 1.0)
   crop = tf.maximum(1, tf.cast(tf.cast(short, tf.float32) * scale, tf.int32))
   y = tf.random.stateless_uniform([], seeds[1], 0, h - crop + 1, dtype=tf.int32)
   x = tf.random.stateless_uniform([], seeds[2], 0, w - crop + 1, dtype=tf.int32)
-  patch = image[y:y + crop, x:x + crop]
+  return y, x, crop, tf.random.stateless_uniform([], seeds[3]) < 0.5
+
+
+def resize_and_flip(patch: tf.Tensor, size: int, flip: tf.Tensor) -> tf.Tensor:
+  """The second half of `random_crop_resize`: `patch` resized to `size` (bilinear, antialiased),
+  mirrored left-right where `flip`."""
   patch = tf.image.resize(patch, [size, size], method="bilinear", antialias=True)
-  flip = tf.random.stateless_uniform([], seeds[3]) < 0.5
   return tf.cond(flip, lambda: tf.image.flip_left_right(patch), lambda: patch)
+
+
+def random_crop_resize(image: tf.Tensor, size: int, seed: tf.Tensor, min_scale: float = 0.35) -> tf.Tensor:
+  """Random square crop covering [min_scale, 1] of the shorter side, resized to `size`, random flip.
+
+  Stateless (seed: int32/int64 [2]) so pipelines are reproducible. uint8 in -> float32 [0, 255] out.
+  """
+  y, x, crop, flip = random_square_crop(tf.shape(image), seed, min_scale)
+  return resize_and_flip(image[y:y + crop, x:x + crop], size, flip)
+
+
+def resize_window(image: tf.Tensor, size: tf.Tensor, begin: tf.Tensor, extent: tf.Tensor) -> tf.Tensor:
+  """Pixels [begin, begin + extent) (y, x) of `tf.image.resize(image, size, "bilinear", antialias=True)`,
+  computing only those.
+
+  The same filter that resize runs (ScaleAndTranslate, triangle kernel, antialiased) is applied to the
+  input rows and columns the window reads (its kernel support plus 2 px), translated so that every
+  output pixel samples the same input position. Equal to resizing the whole image and slicing, up to
+  float rounding (|diff| < 1e-2 on [0, 255] values), at the window's share of the cost.
+
+  Args:
+    image: [H, W, C] uint8 or float.
+    size: int32 [2], the size of the whole resized image.
+    begin, extent: int32 [2], the window in the resized image (inside [0, size)).
+  Returns:
+    float32 [extent[0], extent[1], C].
+  """
+  in_hw = tf.shape(image)[:2]
+  scale = tf.cast(size, tf.float32) / tf.cast(in_hw, tf.float32)
+  support = tf.maximum(1.0 / scale, 1.0)  # the triangle's radius 1, stretched when downscaling
+  first = tf.cast(begin, tf.float32)
+  last = tf.cast(begin + extent, tf.float32)
+  lo = tf.clip_by_value(tf.cast(tf.floor(first / scale - support), tf.int32) - 2, 0, in_hw)
+  hi = tf.clip_by_value(tf.cast(tf.math.ceil(last / scale + support), tf.int32) + 2, 0, in_hw)
+  window = image[lo[0]:hi[0], lo[1]:hi[1]]
+  # Output pixel j samples input (j + 0.5 - t) / scale - 0.5 of the window; t = lo * scale - begin
+  # makes that the input position of resized pixel begin + j.
+  translation = tf.cast(lo, tf.float32) * scale - first
+  return tf.raw_ops.ScaleAndTranslate(images=window[None], size=tf.cast(extent, tf.int32), scale=scale,
+                                      translation=translation, kernel_type="triangle", antialias=True)[0]

@@ -19,9 +19,11 @@ and `units`, the list of every block-3 unit output (the last one is `block3`).
 """
 
 import dataclasses
+import os
 from typing import Dict, Optional, Sequence, Tuple
 
 import keras
+import tensorflow as tf
 from keras import layers
 
 from tf_mtssl.core import configs
@@ -41,9 +43,65 @@ BN_EPSILON = 1e-5      # paper_spec 2.1: resnet_arg_scope(batch_norm_epsilon=1e-
 BN_MOMENTUM = 0.997    # tf-slim resnet_arg_scope batch_norm_decay
 
 
-def _bn(name):
-  return layers.BatchNormalization(epsilon=BN_EPSILON, momentum=BN_MOMENTUM, scale=True, center=True,
-                                   name=name)
+BATCH_NORMS = ("fused", "keras")
+
+
+@keras.saving.register_keras_serializable(package="tf_mtssl")
+class FusedBatchNormalization(layers.BatchNormalization):
+  """`keras.layers.BatchNormalization` (the same variables, batch statistics and moving-average rule)
+  that, under a 16-bit mixed-precision policy, runs TF's fused kernel (FusedBatchNormV3 and its
+  gradient) on 4-D channels-last inputs.
+
+  Keras 3 normalizes with separate ops and, for bfloat16 / float16 activations, casts each one to
+  float32 and back around them: in the trunk's bfloat16 train step those BN passes and casts (245
+  activation-sized casts in a ResNet-50 step, bench.mixed_precision) stay in float32 while the
+  convolutions run in bfloat16. The fused op takes 16-bit activations with float32 statistics, so one
+  kernel replaces them forward and backward (cuDNN on a GPU, oneDNN on a CPU). float32 activations
+  keep Keras' computation (results unchanged; on this project's CPUs the fused op was not reliably
+  faster in float32: -18 % to +5 % for a whole ResNet-50 step), as do masks, other ranks or axes,
+  renorm, synchronized statistics, and bfloat16 on a CPU-only process without oneDNN
+  (TF_ENABLE_ONEDNN_OPTS=0, which has no such kernel).
+  """
+
+  def _fused(self, inputs, mask) -> bool:
+    if inputs.dtype not in (tf.bfloat16, tf.float16) or mask is not None or len(inputs.shape) != 4:
+      return False
+    if self.axis not in (-1, 3) or self.renorm or self.synchronized or not (self.scale and self.center):
+      return False
+    return not (inputs.dtype == tf.bfloat16 and os.environ.get("TF_ENABLE_ONEDNN_OPTS", "1") == "0"
+                and not tf.config.list_logical_devices("GPU"))
+
+  def call(self, inputs, training=None, mask=None):
+    inputs = tf.cast(inputs, self.compute_dtype)
+    if not self._fused(inputs, mask):
+      return super().call(inputs, training=training, mask=mask)
+    gamma, beta = tf.convert_to_tensor(self.gamma.value), tf.convert_to_tensor(self.beta.value)
+    if not (training and self.trainable):
+      outputs, *_ = tf.raw_ops.FusedBatchNormV3(
+          x=inputs, scale=gamma, offset=beta, mean=tf.convert_to_tensor(self.moving_mean.value),
+          variance=tf.convert_to_tensor(self.moving_variance.value), epsilon=self.epsilon, data_format="NHWC",
+          is_training=False)
+      return outputs
+    empty = tf.constant([], tf.float32)
+    outputs, mean, variance, *_ = tf.raw_ops.FusedBatchNormV3(
+        x=inputs, scale=gamma, offset=beta, mean=empty, variance=empty, epsilon=self.epsilon,
+        exponential_avg_factor=1.0, data_format="NHWC", is_training=True)
+    # The op returns the unbiased (n / (n - 1)) variance for the moving average; Keras averages the
+    # biased one (what it normalizes with): undo the correction to keep Keras' statistics.
+    n = tf.cast(tf.reduce_prod(tf.shape(inputs)[:-1]), tf.float32)
+    variance = variance * ((n - 1.0) / tf.maximum(n, 1.0))
+    self.moving_mean.assign(self.moving_mean * self.momentum + mean * (1.0 - self.momentum))
+    self.moving_variance.assign(self.moving_variance * self.momentum + variance * (1.0 - self.momentum))
+    return outputs
+
+
+def batch_normalization(name: str, batch_norm: str = "fused", **kwargs) -> layers.BatchNormalization:
+  """The trunk's batch norm (paper_spec 2.1 constants): `FusedBatchNormalization`, or with
+  batch_norm="keras" Keras' own layer (same variables and results, for comparisons)."""
+  if batch_norm not in BATCH_NORMS:
+    raise ValueError(f"batch_norm must be one of {BATCH_NORMS}, got {batch_norm!r}")
+  cls = FusedBatchNormalization if batch_norm == "fused" else layers.BatchNormalization
+  return cls(**{"epsilon": BN_EPSILON, "momentum": BN_MOMENTUM, "scale": True, "center": True, **kwargs}, name=name)
 
 
 def conv2d_same(x, filters, kernel_size, stride, rate=1, use_bias=False, name=None):
@@ -62,9 +120,10 @@ def conv2d_same(x, filters, kernel_size, stride, rate=1, use_bias=False, name=No
                        use_bias=use_bias, name=name)(x)
 
 
-def bottleneck_unit(x, depth, depth_bottleneck, stride, rate, name):
+def bottleneck_unit(x, depth, depth_bottleneck, stride, rate, name, batch_norm="fused"):
   """One pre-activation bottleneck unit (slim `resnet_v2.bottleneck`)."""
   depth_in = x.shape[-1]
+  _bn = lambda n: batch_normalization(n, batch_norm)  # noqa: E731
   preact = layers.ReLU(name=f"{name}_preact_relu")(_bn(f"{name}_preact_bn")(x))
   if depth == depth_in:
     shortcut = x if stride == 1 else layers.MaxPooling2D(1, strides=stride, name=f"{name}_shortcut")(x)
@@ -117,7 +176,7 @@ def num_block3_units(depth: int) -> int:
 
 def build_trunk(depth: int = 101, output_stride: int = 16, base_width: int = 64,
                 input_shape: Sequence[Optional[int]] = (None, None, 3),
-                name: Optional[str] = None) -> keras.Model:
+                name: Optional[str] = None, batch_norm: str = "fused") -> keras.Model:
   """Builds the block-3 ResNet-v2 trunk.
 
   Args:
@@ -127,6 +186,8 @@ def build_trunk(depth: int = 101, output_stride: int = 16, base_width: int = 64,
       trunks for tests (block-3 output has 16 * base_width channels).
     input_shape: (H, W, 3); spatial dims may be None. Inputs are preprocessed float images
       (`tf_mtssl.model.preprocessing`).
+    batch_norm: "fused" (default, `FusedBatchNormalization`) or "keras" (Keras' own layer: the same
+      model, weights and results; for benchmarks).
   Returns:
     A functional model: images -> {"block3": [B, h, w, C], "units": [U_1, ..., U_N]}.
   """
@@ -143,11 +204,11 @@ def build_trunk(depth: int = 101, output_stride: int = 16, base_width: int = 64,
       unit_stride = 2 if unit_index == num_units else 1
       if current_stride == cfg["output_stride"]:
         x = bottleneck_unit(x, 4 * bottleneck, bottleneck, 1, rate,
-                            name=f"block{block_index}_unit{unit_index}")
+                            name=f"block{block_index}_unit{unit_index}", batch_norm=batch_norm)
         rate *= unit_stride
       else:
         x = bottleneck_unit(x, 4 * bottleneck, bottleneck, unit_stride, 1,
-                            name=f"block{block_index}_unit{unit_index}")
+                            name=f"block{block_index}_unit{unit_index}", batch_norm=batch_norm)
         current_stride *= unit_stride
       if block_index == 3:
         block3_units.append(x)

@@ -25,6 +25,7 @@ from keras import layers
 
 from tf_mtssl.data import motion_mask_records
 from tf_mtssl.model import preprocessing
+from tf_mtssl.model import trunk as trunk_lib
 from tf_mtssl.data import embedded, sources
 from tf_mtssl.data.sources import NUM_CORRUPT_KEY
 from tf_mtssl.tasks.base import Task
@@ -76,8 +77,12 @@ class MotionSegmentationTask(Task):
     return self.image_size // self.options.predict_stride
 
   def example_from_record(self, record, seed):
-    both = tf.concat([record["image"], record["mask"]], axis=-1)  # one crop/flip for frame and mask
-    crop = preprocessing.random_crop_resize(both, self.image_size, seed, self.options.min_crop_scale)
+    # One crop/flip for frame and mask: the two crops, joined as one 4-channel image, are resized
+    # together (joined after cropping: the channel concat copies only the crop).
+    y, x, side, flip = preprocessing.random_square_crop(tf.shape(record["image"]), seed,
+                                                        self.options.min_crop_scale)
+    both = tf.concat([record["image"][y:y + side, x:x + side], record["mask"][y:y + side, x:x + side]], axis=-1)
+    crop = preprocessing.resize_and_flip(both, self.image_size, flip)
     mask = tf.image.resize(crop[..., 3:] / 255.0, [self.target_size] * 2, method="area")
     return {"frame": crop[..., :3], "mask": tf.clip_by_value(mask, 0.0, 1.0),
             NUM_CORRUPT_KEY: record[NUM_CORRUPT_KEY]}
@@ -108,10 +113,10 @@ class MotionSegmentationTask(Task):
     o = self.options
     features = keras.Input(shape=tuple(feature_shape), name="block3")
     x = layers.Conv2D(o.head_width, 3, padding="same", use_bias=False, name="conv")(features)
-    x = layers.ReLU()(layers.BatchNormalization(name="conv_bn")(x))
+    x = layers.ReLU()(trunk_lib.FusedBatchNormalization(name="conv_bn")(x))
     if o.predict_stride == 8:
       x = layers.Conv2DTranspose(o.head_width, 4, strides=2, padding="same", use_bias=False, name="up")(x)
-      x = layers.ReLU()(layers.BatchNormalization(name="up_bn")(x))
+      x = layers.ReLU()(trunk_lib.FusedBatchNormalization(name="up_bn")(x))
     logits = layers.Conv2D(1, 1, dtype="float32", name="logits")(x)
     return keras.Model(features, logits, name="ms_head")
 

@@ -1,7 +1,7 @@
 """Colorization (`col`): Zhang, Isola & Efros 2016 as used by this paper (paper_spec 3.2).
 
-Input: the L channel of a random crop as the 3-channel gray image of `tf_mtssl.model.color.to_gray_input`
-(paper_spec 2.2). Target: the crop's ab colour at stride 8 (paper_spec 3.2 [R]: this paper predicts at
+Input: the L channel of a random crop (the uint8 crop, converted on the accelerator in `trunk_inputs`)
+as the 3-channel gray image of `tf_mtssl.model.color.to_gray_input` (paper_spec 2.2). Target: the crop's ab colour at stride 8 (paper_spec 3.2 [R]: this paper predicts at
 stride 8), as a distribution over the Q = 313 in-gamut ab bins.
 
 The bins and the soft encoding of the targets (k = 5 nearest bins, sigma = 5) are in
@@ -129,17 +129,26 @@ class ColorizationTask(Task):
 
   # ---- input pipeline ---------------------------------------------------------------------------
   def example_from_image(self, image: tf.Tensor, seed: tf.Tensor) -> Dict[str, tf.Tensor]:
-    """One crop: uint8 [H, W, C] (C = 1, 3 or 4) -> L, the RGB crop, stride-8 ab and the gray flag."""
+    """One crop: uint8 [H, W, C] (C = 1, 3 or 4) -> the RGB crop, its stride-8 ab and the gray flag.
+
+    Lab is computed here only where the targets need it: at the stride-8 target pixels (1/64 of the
+    crop), and at every pixel only for crops whose targets are all gray (is_gray must look at the
+    whole crop; a colourful target pixel already settles it). The trunk's L input is made from the
+    uint8 crop in `trunk_inputs`, i.e. on the accelerator, where the full-resolution rgb -> Lab -> gray
+    conversion (most of this pipeline's CPU cost before, bench.input_pipeline) is cheap.
+    """
     crop = preprocessing.random_crop_resize(color.ensure_rgb(image), self.image_size, seed,
                                             min_scale=self.options.min_crop_scale)
     crop = tf.clip_by_value(crop, 0.0, 255.0)
-    lab = color.rgb_to_lab(crop / 255.0)
-    ab = lab[..., 1:]
+    threshold = self.options.gray_threshold
+    target_ab = color.rgb_to_lab(crop[ab_bins.TARGET_OFFSET::ab_bins.TARGET_STRIDE, ab_bins.TARGET_OFFSET::ab_bins.TARGET_STRIDE] / 255.0)[..., 1:]
+    colourful = tf.reduce_max(tf.abs(target_ab)) > threshold
+    is_gray = tf.cond(colourful, lambda: tf.constant(False),
+                      lambda: ab_bins.is_gray_image(color.rgb_to_lab(crop / 255.0)[..., 1:], threshold))
     return {
-        "lightness": lab[..., :1],
-        "image": tf.cast(tf.round(crop), tf.uint8),  # the truth, for TensorBoard
-        "target_ab": ab[ab_bins.TARGET_OFFSET::ab_bins.TARGET_STRIDE, ab_bins.TARGET_OFFSET::ab_bins.TARGET_STRIDE],
-        "is_gray": ab_bins.is_gray_image(ab, self.options.gray_threshold),
+        "image": tf.cast(tf.round(crop), tf.uint8),  # the trunk's input (via L) and the truth
+        "target_ab": target_ab,
+        "is_gray": is_gray,
     }
 
   def build_dataset(self, data, batch_size, *, seed=0, tfds_data_dir=None, input_context=None):
@@ -162,7 +171,7 @@ class ColorizationTask(Task):
     return (self.image_size, self.image_size, 3)
 
   def trunk_inputs(self, batch):
-    return color.lightness_to_gray_input(batch["lightness"])
+    return color.to_gray_input(batch["image"])
 
   # ---- model ------------------------------------------------------------------------------------
   def build_head(self, feature_shape):
@@ -189,7 +198,7 @@ class ColorizationTask(Task):
 
   @staticmethod
   def _bn(name):
-    return layers.BatchNormalization(epsilon=trunk_lib.BN_EPSILON, momentum=trunk_lib.BN_MOMENTUM, name=name)
+    return trunk_lib.batch_normalization(name)  # the trunk's constants and fused mixed-precision kernel
 
   def loss_and_metrics(self, batch, predictions):
     logits = tf.cast(predictions, tf.float32)
@@ -209,7 +218,7 @@ class ColorizationTask(Task):
 
   def summary_images(self, batch, predictions, max_images: int = 3):
     """[k, H, 3W, 3]: gray input | truth | prediction (annealed mean, T = `temperature`)."""
-    lightness = tf.cast(batch["lightness"][:max_images], tf.float32)
+    lightness = color.rgb_to_lab(batch["image"][:max_images])[..., :1]
     gray = preprocessing.trunk_input_to_rgb(color.lightness_to_gray_input(lightness))
     truth = tf.cast(batch["image"][:max_images], tf.float32) / 255.0
     ab = ab_bins.annealed_mean_ab(predictions[:max_images], self.options.temperature)

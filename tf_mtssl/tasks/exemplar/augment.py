@@ -103,14 +103,18 @@ def affine_views(canvas: tf.Tensor, transforms: tf.Tensor, size: int) -> tf.Tens
   Bilinear, reflecting at the borders (see module docstring); same dtype as `canvas` (uint8 results
   are truncated, not rounded, by the op).
   """
-  num_views = tf.shape(transforms)[0]
-  # The op pairs image i with transform i, so the canvas shared by the V views is tiled; callers pass
-  # uint8 canvases to keep this copy 4x smaller than float.
-  images = tf.tile(canvas[None], tf.stack([num_views, 1, 1, 1]))
-  return tf.raw_ops.ImageProjectiveTransformV3(
-      images=images, transforms=tf.cast(transforms, tf.float32),
-      output_shape=tf.constant([size, size], tf.int32), fill_value=tf.constant(0.0, tf.float32),
-      interpolation="BILINEAR", fill_mode="REFLECT")
+  transforms = tf.cast(transforms, tf.float32)
+
+  def warp(images, rows):
+    return tf.raw_ops.ImageProjectiveTransformV3(
+        images=images, transforms=rows, output_shape=tf.constant([size, size], tf.int32),
+        fill_value=tf.constant(0.0, tf.float32), interpolation="BILINEAR", fill_mode="REFLECT")
+
+  if transforms.shape[0] is not None:
+    # One op per view on the shared canvas: the op pairs image i with transform i, and tiling the
+    # canvas V times cost a fifth of the warp (bench.input_pipeline).
+    return tf.concat([warp(canvas[None], transforms[i:i + 1]) for i in range(transforms.shape[0])], axis=0)
+  return warp(tf.tile(canvas[None], tf.stack([tf.shape(transforms)[0], 1, 1, 1])), transforms)
 
 
 def principal_colour_components(image: tf.Tensor) -> Tuple[tf.Tensor, tf.Tensor]:
@@ -127,14 +131,24 @@ def principal_colour_components(image: tf.Tensor) -> Tuple[tf.Tensor, tf.Tensor]
   return mean, vectors
 
 
-def pca_contrast(views: tf.Tensor, mean: tf.Tensor, components: tf.Tensor, factors: tf.Tensor) -> tf.Tensor:
-  """"Contrast 1": x -> mean + E diag(f_v) E^T (x - mean) for views [V, H, W, 3], factors [V, 3]."""
+def pca_mixing(mean: tf.Tensor, components: tf.Tensor, factors: tf.Tensor) -> Tuple[tf.Tensor, tf.Tensor]:
+  """"Contrast 1" as one affine colour map per view, x -> x M + offset (x a row of RGB values):
+  M = E diag(f_v) E^T and offset = mean - mean M, for mean [3], components E [3, 3], factors [V, 3].
+  Returns (M [V, 3, 3], offset [V, 3])."""
   mixing = tf.einsum("ij,vj,kj->vik", components, factors, components)  # symmetric [V, 3, 3]
-  # One affine map per view, x M + (mean - mean M): a batched [V, H*W, 3] x [V, 3, 3] matmul.
-  offset = mean - tf.einsum("i,vik->vk", mean, mixing)
+  return mixing, mean - tf.einsum("i,vik->vk", mean, mixing)
+
+
+def mix_colours(views: tf.Tensor, mixing: tf.Tensor, offset: tf.Tensor) -> tf.Tensor:
+  """views [V, H, W, 3] -> views M_v + offset_v: a batched [V, H*W, 3] x [V, 3, 3] matmul."""
   shape = tf.shape(views)
   mixed = tf.matmul(tf.reshape(views, tf.stack([shape[0], -1, 3])), mixing)
   return tf.reshape(mixed, shape) + offset[:, None, None, :]
+
+
+def pca_contrast(views: tf.Tensor, mean: tf.Tensor, components: tf.Tensor, factors: tf.Tensor) -> tf.Tensor:
+  """"Contrast 1": x -> mean + E diag(f_v) E^T (x - mean) for views [V, H, W, 3], factors [V, 3]."""
+  return mix_colours(views, *pca_mixing(mean, components, factors))
 
 
 def hsv_jitter(views: tf.Tensor, power: tf.Tensor, factor: tf.Tensor, shift: tf.Tensor,
@@ -167,9 +181,57 @@ def _canvas(image: tf.Tensor, size: int, params: ExemplarAugmentation) -> tf.Ten
   return tf.cond(scale < _MIN_UNFILTERED_SCALE, shrink, lambda: image)
 
 
+# The colour draws of the views of one image, [num_views, ...] each: what `colour_views` applies.
+COLOUR_KEYS = ("colour_mixing", "colour_offset", "hsv_power", "hsv_factor", "hsv_shift", "hue_shift")
+
+
+def exemplar_geometry(image: tf.Tensor, seed: tf.Tensor, num_views: int, size: int,
+                      params: ExemplarAugmentation = ExemplarAugmentation()):
+  """The geometric half of `exemplar_views`: the warped views before any colour change, and the
+  colour draws that `colour_views` applies to them (the draws need the source image's colour PCA).
+
+  The input pipeline stops here and the model applies the colours (`ExemplarTask.trunk_inputs`):
+  the colour changes are pixel-wise float work on every view (HSV round trip, 3x3 mixing), most of
+  this pipeline's CPU cost (bench.input_pipeline) and cheap on an accelerator.
+
+  Returns:
+    views: uint8 [num_views, size, size, 3]; colour: {key: float32 [num_views, ...]} for COLOUR_KEYS.
+  """
+  if num_views < 1 or size < 1:
+    raise ValueError(f"num_views and size must be >= 1, got {num_views}, {size}")
+  seeds = tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), 7)
+  canvas = _canvas(image, size, params)
+  transforms = view_transforms(seeds[0], num_views, tf.shape(canvas)[:2], size, params)
+  views = tf.ensure_shape(affine_views(canvas, transforms, size), [num_views, size, size, 3])
+  mean, components = principal_colour_components(canvas)
+  mixing, offset = pca_mixing(mean, components, _log_uniform([num_views, 3], seeds[1], *params.pca_contrast_range))
+  colour = {
+      "colour_mixing": mixing, "colour_offset": offset,
+      "hsv_power": _log_uniform([num_views, 2], seeds[2], *params.hsv_power_range),
+      "hsv_factor": _log_uniform([num_views, 2], seeds[3], *params.hsv_factor_range),
+      "hsv_shift": tf.random.stateless_uniform([num_views, 2], seeds[4], -params.hsv_max_shift,
+                                               params.hsv_max_shift),
+      "hue_shift": tf.random.stateless_uniform([num_views], seeds[5], -params.max_hue_shift, params.max_hue_shift),
+  }
+  return tf.cast(views, tf.uint8), colour
+
+
+def colour_views(views: tf.Tensor, colour) -> tf.Tensor:
+  """The colour half of `exemplar_views`: contrast 1, contrast 2 and hue on uint8 views [..., S, S, 3]
+  with the draws `colour` ({key: [..., k]} for COLOUR_KEYS, the same leading dims); uint8 out."""
+  shape = tf.shape(views)
+  flat = lambda t, *rest: tf.reshape(t, [-1, *rest])  # noqa: E731 - leading dims -> one view axis
+  x = tf.cast(flat(views, shape[-3], shape[-2], 3), tf.float32) / 255.0
+  x = mix_colours(x, flat(colour["colour_mixing"], 3, 3), flat(colour["colour_offset"], 3))
+  x = hsv_jitter(x, power=flat(colour["hsv_power"], 2), factor=flat(colour["hsv_factor"], 2),
+                 shift=flat(colour["hsv_shift"], 2), hue_shift=flat(colour["hue_shift"]))
+  # Rounded to uint8 as the views were when the pipeline made them: the same trunk inputs.
+  return tf.reshape(tf.cast(tf.round(tf.clip_by_value(x, 0.0, 1.0) * 255.0), tf.uint8), shape)
+
+
 def exemplar_views(image: tf.Tensor, seed: tf.Tensor, num_views: int, size: int,
                    params: ExemplarAugmentation = ExemplarAugmentation()) -> tf.Tensor:
-  """The exemplar views of one source image.
+  """The exemplar views of one source image: `colour_views(*exemplar_geometry(...))`.
 
   Args:
     image: uint8 [H, W, 3] (or float in [0, 255]).
@@ -180,20 +242,5 @@ def exemplar_views(image: tf.Tensor, seed: tf.Tensor, num_views: int, size: int,
   Returns:
     uint8 [num_views, size, size, 3].
   """
-  if num_views < 1 or size < 1:
-    raise ValueError(f"num_views and size must be >= 1, got {num_views}, {size}")
-  seeds = tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), 7)
-  canvas = _canvas(image, size, params)
-  transforms = view_transforms(seeds[0], num_views, tf.shape(canvas)[:2], size, params)
-  views = tf.cast(affine_views(canvas, transforms, size), tf.float32) / 255.0
-  mean, components = principal_colour_components(canvas)
-  views = pca_contrast(views, mean, components,
-                       _log_uniform([num_views, 3], seeds[1], *params.pca_contrast_range))
-  views = hsv_jitter(
-      views,
-      power=_log_uniform([num_views, 2], seeds[2], *params.hsv_power_range),
-      factor=_log_uniform([num_views, 2], seeds[3], *params.hsv_factor_range),
-      shift=tf.random.stateless_uniform([num_views, 2], seeds[4], -params.hsv_max_shift, params.hsv_max_shift),
-      hue_shift=tf.random.stateless_uniform([num_views], seeds[5], -params.max_hue_shift, params.max_hue_shift))
-  views = tf.round(tf.clip_by_value(views, 0.0, 1.0) * 255.0)
-  return tf.ensure_shape(tf.cast(views, tf.uint8), [num_views, size, size, 3])
+  views, colour = exemplar_geometry(image, seed, num_views, size, params)
+  return colour_views(views, colour)

@@ -7,11 +7,14 @@ semi-hard triplet loss (`tf_mtssl.tasks.exemplar.triplet_loss.triplet_semihard_l
 the negatives being the views of the other images of the batch ("in-batch negatives", paper_spec 3.3
 S7).
 
-Batch layout: a batch of B source images is {"views": uint8 [B, V, S, S, 3] (RGB 0-255),
+Batch layout: a batch of B source images is {"views": uint8 [B, V, S, S, 3] (RGB 0-255, the warped
+views before their colour changes), the colour draws `augment.COLOUR_KEYS` ([B, V, ...] floats),
 "labels": int32 [B, V] (the source image's index in the batch), NUM_CORRUPT_KEY: int64 [B]};
-`trunk_inputs` flattens it to B*V trunk inputs, image-major (views of image b are rows b*V..b*V+V-1),
-and the head's [B*V, D] embeddings line up with `labels` flattened the same way. Views are kept as
-uint8 until `trunk_inputs` (4x less host memory and host-to-device traffic than float).
+`trunk_inputs` applies the colours (`augment.colour_views`, on the accelerator: the pixel-wise colour
+work was most of the pipeline's CPU cost) and flattens to B*V trunk inputs, image-major (views of
+image b are rows b*V..b*V+V-1); the head's [B*V, D] embeddings line up with `labels` flattened the
+same way. Views are kept as uint8 until `trunk_inputs` (4x less host memory and host-to-device
+traffic than float).
 """
 
 import dataclasses
@@ -68,9 +71,14 @@ class ExemplarTask(Task):
     self.augmentation = augment.ExemplarAugmentation(seed_crop_fraction=o.seed_crop_fraction)
 
   # ---- input pipeline -------------------------------------------------------------------------
-  def views_from_image(self, image: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
-    """uint8 [H, W, 3] -> uint8 [views, image_size, image_size, 3]."""
-    return augment.exemplar_views(image, seed, self.options.views, self.image_size, self.augmentation)
+  def views_from_image(self, image: tf.Tensor, seed: tf.Tensor):
+    """uint8 [H, W, 3] -> the geometric views, uint8 [views, image_size, image_size, 3], and their
+    colour draws {key: [views, ...]} (`augment.exemplar_geometry`; `coloured_views` applies them)."""
+    return augment.exemplar_geometry(image, seed, self.options.views, self.image_size, self.augmentation)
+
+  def coloured_views(self, batch) -> tf.Tensor:
+    """The finished views of a batch (`augment.exemplar_views`'s), uint8 [B, views, S, S, 3]."""
+    return augment.colour_views(batch["views"], {k: batch[k] for k in augment.COLOUR_KEYS})
 
   def build_dataset(self, data, batch_size, *, seed=0, tfds_data_dir=None, input_context=None):
     if batch_size < 2:
@@ -79,8 +87,8 @@ class ExemplarTask(Task):
     ds = sources.image_dataset(data, seed=seed, tfds_data_dir=tfds_data_dir, input_context=input_context)
 
     def make(element, element_seed):
-      return {"views": self.views_from_image(element["image"], element_seed),
-              NUM_CORRUPT_KEY: element[NUM_CORRUPT_KEY]}
+      views, colour = self.views_from_image(element["image"], element_seed)
+      return {"views": views, **colour, NUM_CORRUPT_KEY: element[NUM_CORRUPT_KEY]}
 
     ds = sources.with_element_seeds(ds, seed).map(make, num_parallel_calls=tf.data.AUTOTUNE)
     ds = ds.batch(batch_size, drop_remainder=True)
@@ -93,7 +101,7 @@ class ExemplarTask(Task):
 
   def trunk_inputs(self, batch):
     return preprocessing.rgb_to_trunk_input(
-        tf.reshape(batch["views"], (-1,) + self.trunk_input_shape()))
+        tf.reshape(self.coloured_views(batch), (-1,) + self.trunk_input_shape()))
 
   # ---- model ------------------------------------------------------------------------------------
   def build_head(self, feature_shape):
@@ -127,5 +135,6 @@ class ExemplarTask(Task):
   def summary_images(self, batch, predictions):
     """The views of the first source image side by side, [1, S, V*S, 3] in [0, 1]."""
     del predictions
-    views = tf.cast(batch["views"][0], tf.float32) / 255.0
+    views = tf.cast(self.coloured_views({k: batch[k][:1] for k in ("views",) + augment.COLOUR_KEYS})[0],
+                    tf.float32) / 255.0
     return {"views": tf.concat(tf.unstack(views), axis=1)[None]}
