@@ -28,6 +28,7 @@ from typing import Dict, List
 
 from bench import common
 from tf_mtssl.core import configs
+from tf_mtssl.pretraining import distribution as distribute
 from bench.common import Row
 
 SETTINGS = {
@@ -41,7 +42,6 @@ CONFIGS = ("1_replica", "2_replicas", "2_workers")
 def _measure(config: str, quick: bool, data: str) -> Dict[str, float]:
   """In a fresh process: builds the strategy of `config`, times the training step."""
   import tensorflow as tf
-  from tf_mtssl.pretraining import distribution as distribute
   from tf_mtssl.pretraining import trainer as train
   from tf_mtssl.tasks.relative_position import RelativePositionOptions, RelativePositionTask
   if config == "2_replicas":
@@ -77,23 +77,11 @@ def _measure(config: str, quick: bool, data: str) -> Dict[str, float]:
           "device": "GPU" if tf.config.list_physical_devices("GPU") else "CPU"}
 
 
-def _free_ports(n: int) -> List[int]:
-  import socket
-  sockets = [socket.socket() for _ in range(n)]
-  try:
-    for s in sockets:
-      s.bind(("127.0.0.1", 0))
-    return [s.getsockname()[1] for s in sockets]
-  finally:
-    for s in sockets:
-      s.close()
-
-
 def _run_config(config: str, quick: bool, data: str) -> Dict[str, float]:
   """Runs `config` in fresh process(es); returns the (chief's) measurement."""
   envs = [{}]
   if config == "2_workers":
-    ports = _free_ports(2)
+    ports = distribute.free_local_ports(2)
     envs = [{"TF_CONFIG": json.dumps({"cluster": {"worker": [f"127.0.0.1:{p}" for p in ports]},
                                       "task": {"type": "worker", "index": i}})} for i in range(2)]
   args = [f"--child={config}", f"--data={data}"] + (["--quick"] if quick else [])

@@ -17,3 +17,17 @@ def _clear_keras_session():
   import keras
   keras.utils.clear_session()
   yield
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+  """One tiny rp pretraining run (the smoke trunk, 2 steps on real photos, checkpoints ckpt-1 and ckpt-2),
+  trained once per session for the tests that only read a run. Do not write into it."""
+  from tests import helpers
+  from tf_mtssl.pretraining import trainer
+  photos = helpers.write_photos(tmp_path_factory.mktemp("tiny_run_photos"), size=96)
+  run = str(tmp_path_factory.mktemp("tiny_run"))
+  config = trainer.TrainConfig(train_steps=2, batch_size=2, learning_rate=1e-2, warmup_steps=1, log_every=1,
+                               checkpoint_every=1, image_summary_every=0, grad_cosine_every=0, progress_bar=False)
+  trainer.Trainer(run, {"rp": helpers.tiny_task("rp")}, helpers.TINY_TRUNK, config, {"rp": photos}).train()
+  return run

@@ -75,3 +75,11 @@ def assert_progress_bar(stderr: str, steps: int):
   import re
   pattern = rf"{steps}/{steps} \[[\d:]+<[\d:]+, +[\d.]+ ?(s/step|step/s), loss=-?[\d.]+\]"
   assert re.search(pattern, stderr), f"no finished progress bar ({pattern}) in:\n{stderr[-2000:]}"
+
+
+def jpeg_bytes(seed: int, h: int = 80, w: int = 72) -> bytes:
+  """A smooth random h x w colour JPEG (a 4x4 noise image upsampled)."""
+  rng = np.random.default_rng(seed)
+  small = rng.uniform(0, 255, size=(4, 4, 3)).astype(np.float32)
+  image = tf.cast(tf.image.resize(small, [h, w]), tf.uint8)
+  return tf.io.encode_jpeg(image).numpy()

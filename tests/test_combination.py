@@ -1,6 +1,7 @@
 """Combining tasks (paper_spec 4-6): flagfiles, harmonization, a four-task lasso run."""
 
 import glob
+import itertools
 import os
 import subprocess
 import sys
@@ -34,11 +35,21 @@ def test_every_paper_configuration_has_a_flagfile():
 
 @pytest.mark.parametrize("path", PRETRAIN_FLAGFILES, ids=os.path.basename)
 def test_flagfile_parses_and_names_only_registered_tasks(path):
+  from tf_mtssl import cli
+  from tf_mtssl.model.lasso import LassoConfig
+  from tf_mtssl.model.trunk import TrunkConfig
+  from tf_mtssl.pretraining.config import PretrainConfig, TrainConfig
   fv = parse_pretrain_flagfile(path)
   names = task_registry.parse_task_list(fv.tasks)
+  # Every configuration of the binary builds (and validates) from the flagfile.
+  for config in (PretrainConfig, TrainConfig, LassoConfig):
+    cli.config_from_flags(config)
+  for name in names:
+    cli.task_options_from_flags(name)
+  trunk = cli.config_from_flags(TrunkConfig)
   stem = os.path.basename(path)[:-4]
   if stem in PAPER_CONFIGS:
-    assert fv.depth == "101" and fv.output_stride == "16" and fv.base_width == 64
+    assert trunk == TrunkConfig(depth=101, output_stride=16, base_width=64)
     expected = [t for t in ("rp", "col", "ex", "ms") if t in stem.split("_")]
     assert names == expected
     assert fv.harmonize == stem.endswith("_h")
@@ -74,19 +85,20 @@ def read_event_tags(log_dir):
 
 def test_four_task_lasso_run_writes_alpha_images_and_gradient_cosines(tmp_path):
   run = tmp_path / "run"
-  cmd = [sys.executable, "-m", "tf_mtssl.pretrain", f"--flagfile={helpers.SMOKE_CFG}", "--tasks=rp,col,ex,ms",
+  cmd = [sys.executable, "-m", "tf_mtssl.pretrain", f"--flagfile={helpers.SMOKE_CFG}", "--tasks=all",
          "--lasso=pretrain", f"--model_dir={run}", "--train_steps=4", "--log_every=2", "--grad_cosine_every=2",
          "--image_summary_every=4", "--checkpoint_every=4", "--noprogress_bar"]
   result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=helpers.REPO_ROOT)
   assert result.returncode == 0, result.stderr[-3000:]
   tags = read_event_tags(str(run / "train"))
   assert "lasso/alpha" in tags
-  assert {f"grad_cosine/{a}_vs_{b}" for a, b in [("col", "ex"), ("col", "ms"), ("ex", "rp"), ("ms", "rp")]} <= tags
-  for name in ("rp", "col", "ex", "ms"):
+  names = task_registry.registered_tasks()
+  assert {f"grad_cosine/{a}_vs_{b}" for a, b in itertools.combinations(sorted(names), 2)} <= tags
+  for name in names:
     assert f"{name}/loss" in tags and f"{name}/trunk_update_norm" in tags
   from tf_mtssl.runs import checkpoints
   lasso = checkpoints.restore_lasso(str(run))
-  assert lasso.rows == ["rp", "col", "ex", "ms"]
+  assert lasso.rows == names
   assert np.isfinite(lasso.alphas().numpy()).all()
 
 

@@ -13,7 +13,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -36,16 +35,7 @@ START_TIMEOUT_S = 240  # one process: imports + tracing on a loaded 2-core machi
 
 
 # ---- shared by the multi-process tests (also used by test_preemption.py) -------------------------
-def free_ports(n: int) -> List[int]:
-  """n distinct ports free on 127.0.0.1 now (held open together so they differ)."""
-  sockets = [socket.socket() for _ in range(n)]
-  try:
-    for s in sockets:
-      s.bind(("127.0.0.1", 0))
-    return [s.getsockname()[1] for s in sockets]
-  finally:
-    for s in sockets:
-      s.close()
+free_ports = distribute.free_local_ports
 
 
 def tf_config(ports: Sequence[int], index: int) -> str:
@@ -187,7 +177,7 @@ def test_indivisible_global_batch_is_refused(tmp_path):
                   smoke_config(batch_size=3), {"rp": "embedded"}, strategy=TwoReplicas())
 
 
-def _mirrored_two_cpus_check(model_dir: str, data: str) -> None:
+def mirrored_two_cpus_check(model_dir: str, data: str) -> None:
   """Runs in a fresh process (logical devices must be set before TF starts): MirroredStrategy over 2
   logical CPUs; replicas get different batches, yet all weights, BN statistics (after the pre-save
   sync) and per-task RMSProp states end identical on both."""
@@ -226,7 +216,7 @@ def test_mirrored_strategy_on_two_logical_cpus_keeps_replicas_identical(tmp_path
   data = helpers.write_photos(tmp_path / "photos", size=48)
   code = textwrap.dedent(f"""
       from tests import test_distributed
-      test_distributed._mirrored_two_cpus_check({str(tmp_path / 'run')!r}, {data!r})
+      test_distributed.mirrored_two_cpus_check({str(tmp_path / 'run')!r}, {data!r})
   """)
   with processes(tmp_path / "logs") as procs:
     proc = procs.start([sys.executable, "-c", code], "mirrored")

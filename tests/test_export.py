@@ -18,21 +18,14 @@ from tf_mtssl.serving import export as export_lib
 from tf_mtssl.runs import exports
 from tf_mtssl.model import pooling
 from tf_mtssl.model import preprocessing
-from tf_mtssl.pretraining import trainer as train
 
 IMAGE_SIZE = 64
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-  """A tiny pretraining run with checkpoints ckpt-1 and ckpt-2 (trained once for the module)."""
-  photos = helpers.write_photos(tmp_path_factory.mktemp("photos"), size=96)
-  run = str(tmp_path_factory.mktemp("run"))
-  config = train.TrainConfig(train_steps=2, batch_size=2, learning_rate=1e-2, warmup_steps=1,
-                             log_every=1, checkpoint_every=1, image_summary_every=0,
-                             grad_cosine_every=0, progress_bar=False)
-  train.Trainer(run, {"rp": helpers.tiny_task("rp")}, helpers.TINY_TRUNK, config, {"rp": photos}).train()
-  return run
+def run_dir(tiny_run):
+  """The session's tiny pretraining run (conftest.tiny_run: ckpt-1 and ckpt-2)."""
+  return tiny_run
 
 
 def _export_binary(log_dir, *args):

@@ -105,7 +105,7 @@ def test_eval_lasso_row_exists_and_is_penalised():
   alpha_var.assign([0.6, -0.8])
   images = tf.random.uniform([2, CROP, CROP, 3], 0, 255, seed=3)
   gt = tf.random.uniform([2, CROP, CROP], 1.0, 3.0, seed=4)
-  _, out = trainer._loss(images, gt, training=True)  # eager: the terms of the training loss
+  _, out = trainer.loss(images, gt, training=True)  # eager: the terms of the training loss
   np.testing.assert_allclose(float(out["lasso_l1"]), l1 * 1.4, rtol=1e-6)
   np.testing.assert_allclose(float(out["loss"]), float(out["berhu"]) + l1 * 1.4, rtol=1e-5)
 

@@ -195,7 +195,7 @@ def test_import_evaluate_export_serve_end_to_end(slim_ref, tmp_path):
   run("tf_mtssl.export_saved_model", f"--model_dir={model_dir}", f"--export_dir={export_dir}", "--image_size=64")
   assert exports.input_convention(str(export_dir)) == "inception"
 
-  image = test_serving._jpeg(5, 90, 70)
+  image = helpers.jpeg_bytes(5, 90, 70)
   trunk = checkpoints.restore_trunk(str(model_dir))
   rgb = export_lib.decode_and_resize(tf.constant(image), 64)[None]
   want = {c: tf.reduce_mean(trunk(preprocessing.rgb_to_trunk_input(rgb, c), training=False)["block3"],

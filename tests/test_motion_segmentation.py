@@ -59,7 +59,8 @@ def test_mask_iou():
 def test_loss_falls_when_overfitting_one_batch_of_embedded_masks():
   task = helpers.tiny_task("ms")
   batch = helpers.first_batch(task, "embedded", batch_size=4)
-  assert set(np.unique(batch["mask"].numpy() > 0)) == {False, True} or batch["mask"].numpy().max() > 0
+  moving = float((batch["mask"].numpy() > 0).mean())
+  assert 0.0 < moving < 1.0, moving  # both moving and static pixels to learn from
   losses = helpers.overfit_single_batch(task, batch, steps=25)
   assert np.isfinite(losses).all() and losses[-3:].mean() < 0.7 * losses[:3].mean()
 

@@ -42,11 +42,7 @@ SERVER_LIMITS = dict(max_body_mb=1, max_instances=8, max_image_pixels=250_000)
 README_IMAGE = "data/embedded/images/opencv_baboon.jpg"  # the README's example image (180 KB)
 
 
-def _jpeg(seed: int, h: int = 80, w: int = 72) -> bytes:
-  rng = np.random.default_rng(seed)
-  small = rng.uniform(0, 255, size=(4, 4, 3)).astype(np.float32)
-  image = tf.cast(tf.image.resize(small, [h, w]), tf.uint8)
-  return tf.io.encode_jpeg(image).numpy()
+_jpeg = helpers.jpeg_bytes
 
 
 class _Server:

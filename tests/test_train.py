@@ -5,11 +5,12 @@ import pytest
 import tensorflow as tf
 
 from tests import helpers
+from tf_mtssl import tasks as task_registry
 from tf_mtssl.runs import checkpoints
 from tf_mtssl.pretraining import trainer as train
 
 TINY_TRUNK = helpers.TINY_TRUNK
-MULTI_TASKS = ["rp", "col", "ex", "ms"]
+MULTI_TASKS = task_registry.registered_tasks()
 
 
 def make_trainer(model_dir, data, tasks=("rp",), **overrides):

@@ -237,7 +237,7 @@ class DepthTrainer:
     self.optimizer = make_optimizer(config)
     self.skipped_train_batches = 0
 
-  def _loss(self, images, depth, training):
+  def loss(self, images, depth, training):
     pred = self.network(images, training=training)
     berhu = berhu_loss(pred, depth, valid_mask(depth), self.config.berhu_c)
     penalty = self.network.penalty()
@@ -249,7 +249,7 @@ class DepthTrainer:
   def _step(self, images, depth):
     variables = self.network.trainable_variables
     with tf.GradientTape() as tape:
-      pred, out = self._loss(images, depth, training=True)
+      pred, out = self.loss(images, depth, training=True)
     self.optimizer.apply_gradients(zip(tape.gradient(out["loss"], variables), variables))
     m = metrics.depth_metrics(tf.stop_gradient(pred), depth)
     out.update(delta1=m["delta1"], abs_rel=m["abs_rel"])

@@ -5,9 +5,7 @@ distribution) and `TrainConfig` (optimisation and bookkeeping). Their fields are
 import dataclasses
 from typing import Dict, Optional, Tuple
 
-import tensorflow as tf
-
-from tf_mtssl.core import configs
+from tf_mtssl.core import configs, devices
 from tf_mtssl.pretraining import distribution as distribution_lib
 from tf_mtssl.pretraining import optimizer as optimizer_lib
 
@@ -18,15 +16,11 @@ MIXED_PRECISION_POLICIES = {"none": "float32", "bfloat16": "mixed_bfloat16", "fl
 # --jit_compile: XLA for each task's forward and backward pass (the optimizer's update, which talks to the
 # other replicas, stays outside). auto: on when a GPU is visible; off on CPUs, where XLA measured 15-40 %
 # slower (machine notes).
-JIT_COMPILE_MODES = ("auto", "on", "off")
+JIT_COMPILE_MODES = devices.AUTO_MODES
 
 
 def resolve_jit_compile(mode: str) -> bool:
-  if mode not in JIT_COMPILE_MODES:
-    raise ValueError(f"jit_compile must be one of {JIT_COMPILE_MODES}, got {mode!r}")
-  if mode == "auto":
-    return bool(tf.config.list_logical_devices("GPU"))
-  return mode == "on"
+  return devices.on_when_gpu(mode, "jit_compile")
 
 
 

@@ -60,6 +60,19 @@ class ClusterConfig:
             if (job, i) != (self.task_type, self.task_index)}
 
 
+def free_local_ports(n: int) -> List[int]:
+  """n distinct TCP ports free on 127.0.0.1 now (held open together so that they differ): the addresses
+  of a cluster of local workers (tests, benchmarks)."""
+  sockets = [socket.socket() for _ in range(n)]
+  try:
+    for s in sockets:
+      s.bind(("127.0.0.1", 0))
+    return [s.getsockname()[1] for s in sockets]
+  finally:
+    for s in sockets:
+      s.close()
+
+
 def parse_tf_config(raw: Optional[str]) -> ClusterConfig:
   """Validates TF_CONFIG; raises ValueError naming what is wrong."""
   if not raw:

@@ -17,6 +17,7 @@ from tensorflow.core.framework import types_pb2
 from tensorflow.core.protobuf import saved_model_pb2
 from tensorflow_serving.apis import get_model_metadata_pb2
 
+from tf_mtssl.core import devices
 from tf_mtssl.serving import image_headers
 from tf_mtssl.serving import export as export_lib
 from tf_mtssl.runs import exports
@@ -304,16 +305,12 @@ class DynamicBatcher:
       t.join(timeout=10)
 
 
-BATCHING_MODES = ("auto", "on", "off")
+BATCHING_MODES = devices.AUTO_MODES
 
 
 def resolve_batching(mode: str) -> bool:
   """'on' / 'off', or 'auto': on when TF sees a GPU (see the module docstring)."""
-  if mode not in BATCHING_MODES:
-    raise ValueError(f"batching must be one of {BATCHING_MODES}, got {mode!r}")
-  if mode == "auto":
-    return bool(tf.config.list_physical_devices("GPU"))
-  return mode == "on"
+  return devices.on_when_gpu(mode, "batching")
 
 
 class ModelServer:
