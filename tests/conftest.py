@@ -9,7 +9,8 @@ import pytest  # noqa: E402
 
 
 def pytest_configure(config):
-  config.addinivalue_line("markers", "slow: long-running test (multi-process or many steps)")
+  config.addinivalue_line("markers", "slow: 3 s or more (trains, spawns processes or builds large models); "
+                          "`-m 'not slow'` is the inner loop")
 
 
 @pytest.fixture(autouse=True)

@@ -1,3 +1,4 @@
+import pytest
 """`python -m bench --quick` on its cheapest module: the table is printed and the JSON written."""
 
 import json
@@ -8,6 +9,7 @@ import sys
 from tests.helpers import REPO_ROOT
 
 
+@pytest.mark.slow
 def test_quick_bench_prints_the_table_and_writes_json(tmp_path):
   out = tmp_path / "quick.json"
   proc = subprocess.run(

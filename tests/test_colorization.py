@@ -155,6 +155,7 @@ def test_missing_prior_is_computed_with_a_warning(tmp_path, caplog):
   np.testing.assert_allclose(prior, expected)
 
 
+@pytest.mark.slow
 def test_prior_cli_writes_a_loadable_prior(tmp_path, photos):
   out = tmp_path / "p.npy"
   env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "CUDA_VISIBLE_DEVICES": ""}
@@ -214,6 +215,7 @@ def test_head_output_is_one_eighth_with_313_channels():
     task.build_head((3, 3, 128))
 
 
+@pytest.mark.slow
 def test_loss_falls_when_overfitting_one_batch(photos):
   task = col.ColorizationTask(small_options(), image_size=SIZE)
   batch = helpers.first_batch(task, data=photos, batch_size=4, seed=1)

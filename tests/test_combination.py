@@ -56,6 +56,7 @@ def test_flagfile_parses_and_names_only_registered_tasks(path):
     assert fv.lasso == (stem.rsplit("_", 1)[-1] if "lasso" in stem else "none")
 
 
+@pytest.mark.slow
 def test_harmonized_rp_inputs_are_gray(tmp_path):
   task = helpers.tiny_task("rp", harmonize=True)
   batch = helpers.first_batch(task, helpers.write_photos(tmp_path / "photos"), batch_size=2)
@@ -66,6 +67,7 @@ def test_harmonized_rp_inputs_are_gray(tmp_path):
   assert np.abs(plain["patches"].numpy()[..., 0] - plain["patches"].numpy()[..., 1]).max() > 1.0
 
 
+@pytest.mark.slow
 def test_exemplar_and_motion_segmentation_stay_rgb_when_harmonized():
   for name in ("ex", "ms"):
     task = helpers.tiny_task(name, harmonize=True)
@@ -83,6 +85,7 @@ def read_event_tags(log_dir):
   return tags
 
 
+@pytest.mark.slow
 def test_four_task_lasso_run_writes_alpha_images_and_gradient_cosines(tmp_path):
   run = tmp_path / "run"
   cmd = [sys.executable, "-m", "tf_mtssl.pretrain", f"--flagfile={helpers.SMOKE_CFG}", "--tasks=all",
@@ -126,6 +129,7 @@ def last_update_norms(tmp_path, settings, steps=3):
   return {n: m["trunk_update_norm"] for n, m in trainer.train().items()}
 
 
+@pytest.mark.slow
 def test_per_task_trunk_updates_stay_within_a_small_factor_at_the_paper_settings(tmp_path):
   settings = paper_optimizer_settings()
   assert len(settings) == 1, f"paper flagfiles disagree on the optimizer: {settings}"

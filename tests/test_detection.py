@@ -168,6 +168,7 @@ def test_config_rejects_bad_values():
     model_lib.DetectorConfig(crop_size=7)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("trunk_bn", ["frozen", "train"])
 def test_trunk_batch_norm_frozen_by_default_or_trained(tmp_path, trunk_bn):
   """Frozen (the default): after training steps the trunk's BN moving statistics and gamma/beta are
@@ -241,6 +242,7 @@ def test_tiny_detector_overfits_a_few_embedded_images(tmp_path):
   assert tf.train.latest_checkpoint(str(tmp_path)).endswith("ckpt-100")
 
 
+@pytest.mark.slow
 def test_finetune_resumes_from_its_latest_checkpoint(tmp_path):
   scenes = detection_set.make_detection_set(
       skimage_photos(), class_photos=("astronaut", "coffee", "chelsea"),
@@ -316,6 +318,7 @@ def test_load_trunk_errors_are_clear(tmp_path):
   assert info["init"] == "random" and trunk_lib.feature_channels(8) == model_lib.trunk_channels(trunk)
 
 
+@pytest.mark.slow
 def test_lasso_detector_reads_a_combination_of_block3_units(tmp_path):
   _fake_pretraining_run(tmp_path / "naive")
   trunk = trunk_lib.build_trunk(depth=26, base_width=8)
@@ -392,6 +395,7 @@ def test_train_pipeline_scales_and_flips_boxes():
   np.testing.assert_allclose(flipped, [15.0, 150.0 - 60.0, 45.0, 150.0 - 30.0])
 
 
+@pytest.mark.slow
 def test_binary_runs_on_the_embedded_set_and_never_resumes_another_trunks_folder(tmp_path):
   """--init=random --model_dir=RUN takes the run's architecture; results.json records only what was
   used; a second run of another trunk source into the same --output_dir is refused, naming both."""

@@ -51,6 +51,7 @@ def _weights(model):
   return [np.array(v.numpy()) for v in model.variables]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("augment", [False, True])
 def test_frozen_probe_leaves_trunk_weights_bit_identical(toy_folder, augment):
   source = classification_set.ClassificationSource(toy_folder, image_size=SIZE)
@@ -66,6 +67,7 @@ def test_frozen_probe_leaves_trunk_weights_bit_identical(toy_folder, augment):
   assert not np.allclose(trainer.probe.classifier.kernel.numpy(), kernel)  # the classifier did train
 
 
+@pytest.mark.slow
 def test_probe_beats_chance_on_the_embedded_set():
   source = classification_set.ClassificationSource("embedded", image_size=64)
   assert source.num_classes == 28  # 31 photos, 3 scenes with two photos each
@@ -172,6 +174,7 @@ def _run_binary(*args):
                         env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
 
 
+@pytest.mark.slow
 def test_binary_writes_results_json_of_what_was_used_and_keeps_its_folder_to_one_trunk(tmp_path, toy_folder):
   args = ["--init=random", "--depth=14", "--base_width=8", f"--data={toy_folder}", f"--image_size={SIZE}",
           "--train_steps=5", "--lr_boundaries=", "--batch_size=8", f"--output_dir={tmp_path / 'out'}"]
@@ -213,6 +216,7 @@ def test_lr_boundaries_beyond_train_steps_warn(caplog):
   assert "lr_boundaries" not in caplog.text
 
 
+@pytest.mark.slow
 def test_binary_on_a_run_without_checkpoint_fails_with_one_clear_line(tmp_path):
   checkpoints.save_run_config(str(tmp_path), {"trunk": helpers.TINY_TRUNK})
   run = _run_binary(f"--model_dir={tmp_path}", f"--output_dir={tmp_path / 'out'}")

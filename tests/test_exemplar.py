@@ -205,6 +205,7 @@ def test_loss_and_metrics_on_separated_and_collapsed_embeddings():
   assert np.isfinite(float(metrics["retrieval_accuracy"]))
 
 
+@pytest.mark.slow
 def test_loss_falls_when_overfitting_one_batch(photos_dir):
   task = ExemplarTask(ExemplarOptions(views=8, embedding_dim=64), image_size=48)
   batch = helpers.first_batch(task, photos_dir, batch_size=3, seed=0)

@@ -13,6 +13,8 @@ import tensorflow as tf
 from PIL import Image
 
 from tests import helpers
+
+pytestmark = pytest.mark.slow  # a module fixture trains or converts a model (tens of seconds)
 from tf_mtssl.runs import checkpoints
 from tf_mtssl.serving import export as export_lib
 from tf_mtssl.runs import exports
@@ -121,6 +123,7 @@ def test_serving_default_centre_crops_keeping_the_aspect_ratio(loaded):
   assert big["block3"].shape[1:] == out["block3"].shape[1:]
 
 
+@pytest.mark.slow
 def test_tfsm_layer_reloads_and_gradients_flow(exported, loaded):
   layer = keras.layers.TFSMLayer(exported[2], call_endpoint="image_tensor")
   trunk = exports.load_keras_trunk(exported[2])
@@ -222,6 +225,7 @@ def test_binary_exports_a_named_checkpoint_as_version_2(run_dir, exported):
   assert any(not np.array_equal(a.numpy(), b.numpy()) for a, b in zip(first.weights, second.weights))
 
 
+@pytest.mark.slow
 def test_a_truncated_newest_checkpoint_is_named_and_skipped_by_export_and_evaluation(tmp_path, run_dir):
   import shutil
   from tf_mtssl.runs import trunk_source

@@ -60,6 +60,7 @@ def test_stereo_split_train_and_test_never_share_a_pixel():
   assert float(tf.reduce_max(train["depth"])) > 0.0  # inverse depth from disparity
 
 
+@pytest.mark.slow
 def test_depth_fine_tuning_overfits_a_tiny_set():
   source = depth_sources.DepthSource("embedded", crop_height=CROP, crop_width=CROP)
   tiles = next(iter(source.test_dataset().batch(4)))  # 4 fixed real crops with ground truth
@@ -75,6 +76,7 @@ def test_depth_fine_tuning_overfits_a_tiny_set():
   assert trainer.skipped_train_batches == 0
 
 
+@pytest.mark.slow
 def test_batches_without_valid_ground_truth_are_skipped_and_counted():
   trainer = depth.DepthTrainer(_network(), depth.DepthConfig(lr_boundaries=()))
   images = tf.random.uniform([2, CROP, CROP, 3], 0, 255, seed=2)
@@ -110,6 +112,7 @@ def test_eval_lasso_row_exists_and_is_penalised():
   np.testing.assert_allclose(float(out["loss"]), float(out["berhu"]) + l1 * 1.4, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_binary_trains_the_eval_lasso_row_on_the_embedded_pairs(tmp_path):
   # In its own process: binaries define absl flags at import, as pretrain does.
   run = subprocess.run(
@@ -186,6 +189,7 @@ def test_evaluation_upsamples_to_the_ground_truth_and_reports_per_image_and_pool
   assert abs(result["per_image_mean"]["rmse"] - result["pooled"]["rmse"]) > 0.05 * result["pooled"]["rmse"]
 
 
+@pytest.mark.slow
 def test_binary_runs_the_nyu_flagfile_protocol_on_mock_tfds(tmp_path):
   """flags/depth_nyu.cfg end to end on tfds' offline mock of nyu_depth_v2 (random frames): full-
   resolution scoring inside the Eigen crop, 10 m cap, per-image and pooled figures in the results file."""

@@ -16,6 +16,8 @@ import pytest
 import tensorflow as tf
 
 from tests import helpers
+
+pytestmark = pytest.mark.slow  # a module fixture trains or converts a model (tens of seconds)
 from tf_mtssl.runs import checkpoints
 from tf_mtssl.model import preprocessing
 from tf_mtssl.runs import slim_import as slim_checkpoint

@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 
 from tests import helpers
+
+pytestmark = pytest.mark.slow  # a module fixture trains or converts a model (tens of seconds)
 from tf_mtssl.pretraining import trainer as train
 
 TASKS = ("rp", "col")  # a dense and a pairwise head
@@ -35,6 +37,7 @@ def reference(tmp_path_factory, photos):
   return losses_after(tmp_path_factory.mktemp("fp32"), photos, "none")[1]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("precision", ["bfloat16", "float16"])
 def test_mixed_precision_is_finite_and_matches_float32(tmp_path, photos, reference, precision):
   trainer, mixed = losses_after(tmp_path, photos, precision)
@@ -60,6 +63,7 @@ def test_bad_mixed_precision_is_rejected():
     train.TrainConfig(mixed_precision="int8")
 
 
+@pytest.mark.slow
 def test_profile_steps_write_a_tensorboard_profile(tmp_path, photos):
   config = train.TrainConfig(train_steps=3, batch_size=2, log_every=1, checkpoint_every=3, image_summary_every=0,
                              grad_cosine_every=0, progress_bar=False, profile_steps=(2, 3))

@@ -166,6 +166,7 @@ def test_corrupt_and_truncated_videos_are_skipped(tmp_path):
   assert summary.done == 1 and {r[0] for r in read_records(tmp_path / "out")} == {"good"}
 
 
+@pytest.mark.slow
 def test_binary_fails_only_when_nothing_is_produced(tmp_path):
   (tmp_path / "bad.mp4").write_bytes(b"not a video at all")
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="")

@@ -56,13 +56,12 @@ def test_mask_iou():
   assert float(ms.mask_iou(tf.zeros([1, 4]), tf.zeros([1, 4]))) == 1.0
 
 
-def test_loss_falls_when_overfitting_one_batch_of_embedded_masks():
+def test_an_embedded_batch_has_moving_and_static_pixels():
+  """(The loss falling when this batch is overfitted: tests/test_task_contract.py.)"""
   task = helpers.tiny_task("ms")
   batch = helpers.first_batch(task, "embedded", batch_size=4)
   moving = float((batch["mask"].numpy() > 0).mean())
   assert 0.0 < moving < 1.0, moving  # both moving and static pixels to learn from
-  losses = helpers.overfit_single_batch(task, batch, steps=25)
-  assert np.isfinite(losses).all() and losses[-3:].mean() < 0.7 * losses[:3].mean()
 
 
 def test_missing_mask_source_names_the_path(tmp_path):

@@ -51,6 +51,7 @@ def photos(tmp_path_factory):
   return helpers.write_photos(tmp_path_factory.mktemp("photos"), size=48)
 
 
+@pytest.mark.slow
 def test_sigterm_saves_stops_and_the_run_resumes_to_the_exact_step(tmp_path, photos):
   run = str(tmp_path / "run")
   config = dict(batch_size=2, checkpoint_every=2, keep_checkpoints=100)

@@ -151,6 +151,7 @@ def test_knn_predictions():
   np.testing.assert_allclose(np.linalg.norm(bank, axis=1), 1.0, rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_run_probes_chooses_on_validation_and_reports_errors():
   from tf_mtssl.model import trunk as trunk_lib
   from tf_mtssl.evaluation import linear
@@ -170,6 +171,7 @@ def test_run_probes_chooses_on_validation_and_reports_errors():
     probes.ProbeProtocol(probes=("svm",))
 
 
+@pytest.mark.slow
 def test_binary_runs_both_probes_on_a_probe_set(tmp_path):
   run = subprocess.run(
       [sys.executable, "-m", "tf_mtssl.evaluate_linear", "--init=random", "--depth=14", "--base_width=8",

@@ -54,6 +54,7 @@ def _run_binary(env):
                         capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.slow
 def test_a_binary_prints_only_its_own_error_line_unless_the_user_sets_the_log_level():
   env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
   quiet = _run_binary(env)

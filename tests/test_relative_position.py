@@ -71,14 +71,12 @@ def test_pixelation_applies_with_probability():
   assert 0.2 < changed.mean() < 0.47
 
 
-def test_dataset_batches_and_loss_falls_when_overfitting(tmp_path):
+def test_dataset_batches_nine_patches_per_image(tmp_path):
+  """(The loss falling when one batch is overfitted: tests/test_task_contract.py, for every task.)"""
   task = helpers.tiny_task("rp")
   batch = helpers.first_batch(task, helpers.write_photos(tmp_path / "photos"), batch_size=2)
   assert batch["patches"].shape == (2, 9, task.options.patch_size, task.options.patch_size, 3)
   assert task.trunk_inputs(batch).shape[0] == 18
-  losses = helpers.overfit_single_batch(task, batch, steps=25)
-  assert np.isfinite(losses).all()
-  assert losses[-3:].mean() < 0.5 * losses[:3].mean()
 
 
 def test_head_predicts_8_classes_per_pair():

@@ -61,6 +61,7 @@ def write_lock(model_dir, **holder):
 
 
 # ---- 2: one process per --model_dir --------------------------------------------------------------
+@pytest.mark.slow
 def test_a_second_process_on_a_held_model_dir_fails_at_once_naming_the_holder(tmp_path):
   run = str(tmp_path / "run")
   with run_lock.RunLock(run):
@@ -122,6 +123,7 @@ def test_the_trainer_refuses_a_held_model_dir_before_building_anything(tmp_path,
 
 
 # ---- 3: every start's settings are kept ------------------------------------------------------------
+@pytest.mark.slow
 def test_resuming_with_other_settings_keeps_every_start_in_the_history(tmp_path, photos, caplog):
   run = str(tmp_path / "run")
   make_trainer(run, photos, train_steps=2, learning_rate=1e-3).train()
@@ -137,6 +139,7 @@ def test_resuming_with_other_settings_keeps_every_start_in_the_history(tmp_path,
   assert "train.learning_rate: 0.001 -> 0.002" in caplog.text
 
 
+@pytest.mark.slow
 def test_a_run_config_from_before_the_history_is_kept_as_its_first_entry(tmp_path, photos):
   run = str(tmp_path / "run")
   make_trainer(run, photos, train_steps=2).train()
@@ -149,6 +152,7 @@ def test_a_run_config_from_before_the_history_is_kept_as_its_first_entry(tmp_pat
 
 
 # ---- 5, 6: inputs are checked before anything is written; unreadable data fails in bounded time -----
+@pytest.mark.slow
 def test_a_bad_data_path_writes_nothing_and_a_leftover_config_guards_nothing(tmp_path, photos):
   run = tmp_path / "run"
   with pytest.raises(FileNotFoundError, match="Data path not found: /no/such/folder"):
@@ -162,6 +166,7 @@ def test_a_bad_data_path_writes_nothing_and_a_leftover_config_guards_nothing(tmp
   assert checkpoints.load_run_config(str(run))["tasks"] == ["rp"]
 
 
+@pytest.mark.slow
 def test_a_source_of_corrupt_images_only_fails_after_one_pass_naming_folder_and_count(corrupt_folder):
   # In a subprocess: before the fix this loops forever inside TF, where no timeout can stop it.
   code = textwrap.dedent(f"""
@@ -181,6 +186,7 @@ def test_a_source_of_corrupt_images_only_fails_after_one_pass_naming_folder_and_
     next(iter(sources.image_dataset(corrupt_folder, cache_decoded=True)))
 
 
+@pytest.mark.slow
 def test_pretraining_on_corrupt_images_only_exits_2_naming_the_folder(tmp_path, corrupt_folder):
   run = tmp_path / "run"
   proc = subprocess.run(PRETRAIN + [f"--model_dir={run}", f"--data={corrupt_folder}"], capture_output=True,
@@ -193,6 +199,7 @@ def test_pretraining_on_corrupt_images_only_exits_2_naming_the_folder(tmp_path, 
   assert not run.exists()
 
 
+@pytest.mark.slow
 def test_sigterm_works_while_the_input_check_is_starved(tmp_path, photos):
   """A FIFO nobody writes to: reading it blocks forever inside TF's input pipeline."""
   data = tmp_path / "data"
@@ -245,6 +252,7 @@ print("RETURNED")
 """
 
 
+@pytest.mark.slow
 def test_sigterm_works_while_a_training_step_is_starved(tmp_path, photos):
   run = str(tmp_path / "run")
   script = tmp_path / "starving.py"
@@ -271,6 +279,7 @@ def truncate_data(prefix: str) -> str:
   return data
 
 
+@pytest.mark.slow
 def test_resume_falls_back_past_a_truncated_newest_checkpoint(tmp_path, photos, caplog):
   run = str(tmp_path / "run")
   first = make_trainer(run, photos, train_steps=4, checkpoint_every=2, keep_checkpoints=5)
@@ -317,6 +326,7 @@ def test_bad_task_options_name_the_field_and_its_limit(task, field, value, messa
   assert str(error.value) == message  # the one field, not the whole options object
 
 
+@pytest.mark.slow
 def test_ms_on_an_image_dataset_says_how_to_make_motion_masks(tmp_path):
   proc = subprocess.run(PRETRAIN + ["--tasks=ms", "--data=tfds:imagenet2012", f"--model_dir={tmp_path / 'run'}"],
                         capture_output=True, text=True, timeout=START_TIMEOUT_S, cwd=helpers.REPO_ROOT,

@@ -247,6 +247,7 @@ def test_rest_predict_status_and_errors(server, reference):
   assert status == 200 and np.array(body["outputs"]["features"]).shape == (1, 128)
 
 
+@pytest.mark.slow
 def test_client_binary_writes_npy_features(server, tmp_path):
   paths = []
   for i in range(3):
@@ -309,6 +310,7 @@ def test_the_server_listens_on_loopback_only_by_default(server):
   assert "listening on 127.0.0.1 port" in "".join(server.output)
 
 
+@pytest.mark.slow
 def test_a_second_server_on_the_same_grpc_port_fails_with_one_line(server, export_dir, stub):
   proc = subprocess.run([sys.executable, "-m", "tf_mtssl.serve", f"--export_dir={export_dir}",
                          f"--port={server.grpc_port}", "--poll_seconds=0"],
@@ -451,6 +453,7 @@ def test_the_readme_request_file_command_serves_an_image_over_96_kb(server, tmp_
                              reference(image_bytes=tf.constant([image]))["features"][0], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_client_skips_a_bad_image_and_never_mixes_with_an_earlier_output(server, tmp_path):
   paths = [str(tmp_path / name) for name in ("a.jpg", "broken.jpg", "b.jpg", "missing.jpg")]
   for path, data in zip(paths[:3], (_jpeg(40), b"truncated \xff\xd8 nonsense", _jpeg(41))):
@@ -476,6 +479,7 @@ def test_client_skips_a_bad_image_and_never_mixes_with_an_earlier_output(server,
   assert not (out / "block3.npy").exists()  # the earlier run's output does not sit beside the new rows
 
 
+@pytest.mark.slow
 def test_a_newer_version_is_served_once_exported(server, export_dir, stub):
   export_lib.export_trunk(trunk_lib.build_trunk(**helpers.TINY_TRUNK), export_dir, image_size=IMAGE_SIZE)
   server.wait_for(r"Now serving tf_mtssl version 2", timeout=120)

@@ -32,6 +32,7 @@ def _files(work):
   return {p: os.stat(p).st_mtime_ns for p in sorted(str(x) for x in (work / "evals").glob("*.json"))}
 
 
+@pytest.mark.slow
 def test_killed_study_resumes_without_redoing_cells_and_changed_configs_get_new_cells(tmp_path):
   study, work = _tiny(), tmp_path / "work"
 
@@ -88,6 +89,7 @@ def test_statistics_of_the_report():
   assert c["z"] == pytest.approx(c["diff"] / c["se"], rel=1e-9)
 
 
+@pytest.mark.slow
 def test_quick_binary_writes_every_output_and_resumes(tmp_path):
   out, work = tmp_path / "out", tmp_path / "work"
   cmd = [sys.executable, "-m", "tf_mtssl.study", "--flagfile=flags/study_fashion_mnist.cfg", "--quick",
@@ -124,6 +126,7 @@ def test_study_flagfiles_parse_into_valid_grids(name):
   assert config.depth is not None if name == "study_photos" else config.depth is None
 
 
+@pytest.mark.slow
 def test_weight_change_is_measured_from_the_seeds_exact_initialisation(tmp_path):
   train = {"batch_size": 4, "learning_rate": 1e-10, "warmup_steps": 1, "log_every": 1, "grad_cosine_every": 0,
            "weight_decay": 0.0}

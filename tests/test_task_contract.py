@@ -99,9 +99,12 @@ def test_head_checkpoint_restores_the_same_predictions(name, first_batches, tmp_
   tf.nest.map_structure(lambda a, b: helpers.assert_close(a, b, rtol=1e-5), got, expected)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", TASKS)
 def test_loss_falls_when_overfitting_one_batch(name, first_batches):
   task, batch = first_batches[name]
+  keras.utils.set_random_seed(0)
   losses = helpers.overfit_single_batch(task, batch, steps=30, learning_rate=3e-3)
   assert np.isfinite(losses).all(), losses
-  assert losses[-5:].mean() < 0.8 * losses[:3].mean(), losses
+  # Measured (seed 0): rp 0.007, ex 0.0004, col 0.61, ms 0.41 of the first steps' loss.
+  assert losses[-5:].mean() < 0.7 * losses[:3].mean(), losses

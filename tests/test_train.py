@@ -38,6 +38,7 @@ def fixed_iterators(trainer, seed=0):
   return out
 
 
+@pytest.mark.slow
 def test_multi_task_loss_falls_when_overfitting_one_batch(tmp_path, photos):
   trainer = make_trainer(tmp_path / "run", photos, tasks=MULTI_TASKS, learning_rate=1e-3)
   iterators = fixed_iterators(trainer)
@@ -64,6 +65,7 @@ def test_one_rmsprop_state_per_task_and_heads_only_updated_by_their_task(tmp_pat
   assert not {id(v) for v in opt.velocity["rp"]} & {id(v) for v in opt.velocity["col"]}
 
 
+@pytest.mark.slow
 def test_resume_from_checkpoint_to_the_same_step(tmp_path, photos):
   run = tmp_path / "run"
   first = make_trainer(run, photos, train_steps=4)
@@ -83,6 +85,7 @@ def test_resume_from_checkpoint_to_the_same_step(tmp_path, photos):
   assert checkpoints.load_run_config(str(run))["trunk"] == TINY_TRUNK
 
 
+@pytest.mark.slow
 def test_checkpoint_of_another_architecture_is_refused_and_left_untouched(tmp_path, photos):
   run = tmp_path / "run"
   make_trainer(run, photos, train_steps=2).train()
@@ -94,6 +97,7 @@ def test_checkpoint_of_another_architecture_is_refused_and_left_untouched(tmp_pa
   assert before == {f: os.path.getmtime(run / f) for f in os.listdir(run) if f.startswith("ckpt")}
 
 
+@pytest.mark.slow
 def test_restore_trunk_by_name_from_a_run(tmp_path, photos):
   run = tmp_path / "run"
   trainer = make_trainer(run, photos, train_steps=2)
@@ -130,6 +134,7 @@ class _NaNAfter(type(helpers.tiny_task("rp"))):
     return tf.where(self.calls >= self.first_bad_call, tf.constant(np.nan, tf.float32), loss), metrics
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, photos):
   run = tmp_path / "run"
   config = train.TrainConfig(train_steps=10, batch_size=2, learning_rate=1e-3, log_every=1, checkpoint_every=2,
@@ -144,6 +149,7 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, pho
   assert all(np.isfinite(w.numpy()).all() for w in trunk.weights)
 
 
+@pytest.mark.slow
 def test_several_steps_in_one_call_equal_one_step_per_call(tmp_path, photos):
   runs = {}
   for name, calls in (("one_call", [4]), ("four_calls", [1, 1, 1, 1])):
@@ -171,6 +177,7 @@ def test_calls_end_where_the_host_has_work(tmp_path, photos):
   assert ends == [8, 10, 18, 20, 25, 30, 32]
 
 
+@pytest.mark.slow
 def test_nan_loss_inside_a_multi_step_call_stops_at_that_step(tmp_path, photos):
   run = tmp_path / "run"
   config = train.TrainConfig(train_steps=10, batch_size=2, learning_rate=1e-3, log_every=10, checkpoint_every=5,
@@ -183,6 +190,7 @@ def test_nan_loss_inside_a_multi_step_call_stops_at_that_step(tmp_path, photos):
   assert tf.train.latest_checkpoint(str(run)).endswith("ckpt-5")
 
 
+@pytest.mark.slow
 def test_xla_compiled_steps_give_the_same_losses(tmp_path, photos):
   losses = {}
   for mode in ("off", "on"):

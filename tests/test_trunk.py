@@ -32,6 +32,7 @@ def test_dilation_follows_slim_stack_blocks_dense():
   assert model.get_layer("block2_unit2_conv2").strides == (2, 2)
 
 
+@pytest.mark.slow
 def test_resnet101_block3_units_and_parameter_count_match_keras_applications():
   model = trunk_lib.build_trunk(101)
   out = model.compute_output_spec(keras.KerasTensor((1, 224, 224, 3)))
