@@ -260,12 +260,23 @@ def test_feature_norm_is_affine_free_and_the_plain_probe_one_option_away():
   plain = linear.LinearProbe(4, 1, 8, feature_norm="none")
   assert plain.norm is None
   w, b = plain.classifier.kernel.numpy(), plain.classifier.bias.numpy()
-  np.testing.assert_allclose(plain.logits(pooled, training=False), x @ w + b, rtol=1e-5, atol=1e-4)
+  helpers.assert_close(plain.logits(pooled, training=False), x @ w + b, rtol=1e-5)
   normed = linear.LinearProbe(4, 1, 8, feature_norm="batchnorm")
   assert normed.norm.trainable_weights == [] and len(normed.trainable_variables) == 2   # kernel, bias
   normed.norm.moving_mean.assign(x.mean(0))
   normed.norm.moving_variance.assign(x.var(0))
   w, b = normed.classifier.kernel.numpy(), normed.classifier.bias.numpy()
   standardised = (x - x.mean(0)) / np.sqrt(x.var(0) + 1e-5)
-  np.testing.assert_allclose(normed.logits(pooled, training=False), standardised @ w + b, rtol=1e-4, atol=1e-4)
+  helpers.assert_close(normed.logits(pooled, training=False), standardised @ w + b, rtol=1e-4)
   assert linear.ProbeConfig().feature_norm == "batchnorm"
+
+
+def test_a_refused_evaluation_leaves_its_output_folder_unclaimed(tmp_path, toy_folder):
+  """Bad input is refused before the folder is claimed, so a retry there with another trunk is not
+  refused for a source that never ran there (issue 15, case 12)."""
+  source = trunk_source.load_trunk("random", trunk_config=dict(helpers.TINY_TRUNK), seed=0)
+  out = tmp_path / "out"
+  with pytest.raises(ValueError, match="1x1 block 3"):
+    linear.evaluate(source, linear.LinearEvalConfig(data=toy_folder, output_dir=str(out)),
+                    linear.ProbeConfig(image_size=8))
+  assert not out.exists() or not list(out.iterdir())

@@ -339,8 +339,8 @@ def test_rest_body_over_the_limit_is_413_and_the_server_keeps_serving(server, re
   image = _jpeg(8)
   status, body = _rest(server, "/v1/models/tf_mtssl:predict", _b64_instances([image]))
   assert status == 200
-  np.testing.assert_allclose(body["predictions"][0]["features"],
-                             reference(image_bytes=tf.constant([image]))["features"][0], rtol=1e-4, atol=1e-5)
+  helpers.assert_close(body["predictions"][0]["features"],
+                       reference(image_bytes=tf.constant([image]))["features"][0], rtol=1e-4)
 
 
 def test_a_chunked_rest_body_is_accepted(server, reference):
@@ -354,8 +354,8 @@ def test_a_chunked_rest_body_is_accepted(server, reference):
     response = connection.getresponse()
     body = json.loads(response.read())
     assert response.status == 200, body
-    np.testing.assert_allclose([p["features"] for p in body["predictions"]],
-                               reference(image_bytes=tf.constant(images))["features"], rtol=1e-4, atol=1e-5)
+    helpers.assert_close([p["features"] for p in body["predictions"]],
+                         reference(image_bytes=tf.constant(images))["features"], rtol=1e-4)
   connection.close()
 
 
@@ -449,8 +449,8 @@ def test_the_readme_request_file_command_serves_an_image_over_96_kb(server, tmp_
                         timeout=120)
   assert proc.returncode == 0, proc.stderr[-2000:]
   body = json.loads(proc.stdout)
-  np.testing.assert_allclose(body["predictions"][0]["features"],
-                             reference(image_bytes=tf.constant([image]))["features"][0], rtol=1e-4, atol=1e-5)
+  helpers.assert_close(body["predictions"][0]["features"],
+                       reference(image_bytes=tf.constant([image]))["features"][0], rtol=1e-4)
 
 
 @pytest.mark.slow

@@ -351,10 +351,11 @@ def evaluate(trunk_source_result, data: "depth_data.DepthDataConfig", config: De
   source = data.source()
   network = DepthNetwork(trunk, num_upprojections=config.decoder_upprojections, width=config.decoder_width,
                          lasso_l1=lasso_l1, convention=trunk_source.input_convention(provenance))
+  trainer = DepthTrainer(network, config)  # validates the settings before the output folder is claimed
   outputs.claim_output_dir(config.output_dir, EVALUATION, provenance)
   log.info("Depth fine-tuning (paper_spec 7.3) of %s; data %s", trunk_source.describe_source(provenance),
            source.describe())
-  result = DepthTrainer(network, config).fit(source.train_dataset(seed=config.seed), source.test_dataset(),
+  result = trainer.fit(source.train_dataset(seed=config.seed), source.test_dataset(),
                                              summary_dir=config.output_dir)
   # Only what was used: the resolved settings, not the binary's flag defaults.
   result.update(data=source.describe(), config=dataclasses.asdict(config), lasso_l1=lasso_l1,

@@ -445,6 +445,8 @@ def evaluate(trunk_source_result, run: LinearEvalConfig, config: ProbeConfig, pr
       run.data, train_split=run.train_split, tfds_data_dir=run.tfds_data_dir, label_offset=run.label_offset,
       num_classes=run.num_classes, image_size=config.image_size)
   eval_split = run.eval_split or source.default_eval_split()
+  # Every check of the inputs before the output folder is claimed: a refused run leaves nothing behind.
+  check_grid_fits(trunk, config.image_size, config.grid)
   outputs.claim_output_dir(run.output_dir, EVALUATION, provenance)
   if protocol is not None or source.kind == "probe_set":
     protocol = dataclasses.replace(protocol or probes.ProbeProtocol(), train_split=run.train_split,

@@ -235,8 +235,9 @@ def read_checkpoint(read_fn, directory: str, requested: Optional[str] = None) ->
                   "" if requested or prefix == candidates[-1] else "; trying the next older checkpoint")
       continue
     if damaged:
-      log.warning("Using %s, the newest readable checkpoint of %s (the newer one(s) are damaged and "
-                  "were left in place: %s)", prefix, directory, "; ".join(damaged))
+      log.warning("Using %s, the newest readable checkpoint of %s (the newer one(s) are damaged: %s; "
+                  "reading deletes nothing, but a run resumed here writes its own checkpoints of those "
+                  "steps over them)", prefix, directory, "; ".join(damaged))
     return prefix
   if damaged:
     raise UnreadableCheckpointError(
