@@ -9,6 +9,8 @@ on that CPU: run modules one at a time with --only). Results are written as JSON
 bench/results/<mode>.json) with the machine, TF version, device and dtype; modules not run now keep
 their earlier results in that file (each with its date and load average) unless --fresh, so a full
 table can be assembled module by module; --all_rows prints that merged table.
+
+bench/gpu_check.sh (bench.gpu_check): the prepared GPU check, one table of chosen rows in 8 minutes.
 """
 
 import argparse

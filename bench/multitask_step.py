@@ -14,13 +14,18 @@ The second row times the multi-task step as training runs it, pulling every task
 `tf.data` pipeline (which shares the CPU with the step), against the same step on fixed batches, in
 alternating rounds: a ratio above 1 is what the input pipelines cost the training loop. No goal (it
 is the combined effect of bench.input_pipeline's ratios).
+
+The third row (`jit_rows`) times the four-task step with `--jit_compile=on` against `off` on the same
+fixed batches: one trainer after the other (two paper-shape trainers at once need ~20 GB of host
+memory), best of a few calls after warm-up. Goal (ms on / ms off) <= 1.0 on a GPU (where `auto` turns XLA on); none on
+a CPU (where `auto` leaves it off).
 """
 
 from bench import common
 from bench.common import Row
 
-SETTINGS = {True: dict(warmup=2, repeats=2, rounds=3),
-            False: dict(warmup=1, repeats=1, rounds=2)}
+SETTINGS = {True: dict(warmup=2, repeats=2, rounds=3, jit_calls=4),
+            False: dict(warmup=1, repeats=1, rounds=2, jit_calls=3)}
 
 
 def live_step(trainer):
@@ -29,7 +34,8 @@ def live_step(trainer):
   return lambda: trainer.run_steps(iterators).metrics
 
 
-def run(quick: bool = False):
+def step_rows(quick: bool = False):
+  """The four-task step vs the sum of single-task steps, and fed by live pipelines vs fixed batches."""
   import gc
   s = SETTINGS[bool(quick)]
   multi = common.make_trainer(common.TASKS, quick)
@@ -60,6 +66,35 @@ def run(quick: bool = False):
                   unit="ms/step", reference=1e3 * times["fixed"], ratio=times["live"] / times["fixed"],
                   note="ref: the same step on fixed batches, interleaved; >1 = what the pipelines cost"))
   return rows
+
+
+def jit_rows(quick: bool = False):
+  """The four-task step with XLA (`TrainConfig.jit_compile` "on") vs without ("off")."""
+  import gc
+  import tensorflow as tf
+  s = SETTINGS[bool(quick)]
+  gpu = bool(tf.config.list_physical_devices("GPU"))
+  calls = s["jit_calls"] * (5 if gpu else 1)  # a GPU step takes milliseconds
+  seconds, batches = {}, None
+  for mode in ("off", "on"):
+    trainer = common.make_trainer(common.TASKS, quick, jit_compile=mode)
+    batches = batches or common.first_batches(trainer)
+    step = common.fixed_step(trainer, batches)
+    for _ in range(s["warmup"] + 1):  # tracing (and XLA compilation), first-run allocations
+      common.fetch(step())
+    seconds[mode] = min(common.time_calls(step, 0, 1) for _ in range(calls))
+    trunk, size = common.trunk_name(trainer.model.trunk_config), trainer.tasks["col"].image_size
+    del trainer, step
+    gc.collect()
+  return [Row(name=f"4-task step, --jit_compile on / off ({size}px)", figure=1e3 * seconds["on"], unit="ms/step",
+              reference=1e3 * seconds["off"], ratio=seconds["on"] / seconds["off"],
+              goal="<= 1.0" if gpu else "",
+              note=f"ref: the same step without XLA; {trunk}, bench batches; one trainer after the other; "
+                   + ("GPU" if gpu else "CPU: auto leaves XLA off"))]
+
+
+def run(quick: bool = False):
+  return step_rows(quick) + jit_rows(quick)
 
 
 if __name__ == "__main__":

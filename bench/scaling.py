@@ -13,6 +13,12 @@ training loop does:
 Weak scaling: the per-replica batch is fixed, so the global batch doubles with 2 replicas/workers.
 Ratios: steps/s and examples/s of 2 over 1 (ideal 1.0 and 2.0).
 
+With GPUs (`tf.config.list_physical_devices("GPU")` in the parent) the configurations are:
+  1 replica    the default strategy on the first GPU;
+  mirrored     MirroredStrategy over all visible GPUs (N replicas; with one GPU, its overhead alone);
+  2 workers    only with >= 2 GPUs: MultiWorkerMirroredStrategy, one GPU per process.
+Every child then lets TensorFlow allocate GPU memory as needed (TF_FORCE_GPU_ALLOW_GROWTH).
+
 On a machine with 2 CPU cores and no accelerator, the 2 replicas or 2 workers share the same 2 cores
 that the single replica already uses (TF's thread pools span all cores), so the ratios measure the
 overhead of splitting the step and all-reducing the gradients, not a speed-up. A speed-up needs one
@@ -36,7 +42,20 @@ SETTINGS = {
     False: dict(trunk=common.PAPER_TRUNK, rp=dict(patch_size=96, gap=48, jitter=7, hidden=4096, reduce_channels=256),
                 per_replica_batch=1, warmup=2, steps=4),
 }
-CONFIGS = ("1_replica", "2_replicas", "2_workers")
+CONFIGS = ("1_replica", "2_replicas", "2_workers")  # without a GPU
+GPU_CONFIGS = ("1_replica", "mirrored", "2_workers")  # 2_workers only with >= 2 GPUs
+
+
+def configs_for(gpus: int):
+  """The configurations measured on a machine with `gpus` GPUs."""
+  if not gpus:
+    return CONFIGS
+  return GPU_CONFIGS if gpus >= 2 else GPU_CONFIGS[:2]
+
+
+def _gpu_count() -> int:
+  import tensorflow as tf
+  return len(tf.config.list_physical_devices("GPU"))
 
 
 def _measure(config: str, quick: bool, data: str) -> Dict[str, float]:
@@ -48,6 +67,8 @@ def _measure(config: str, quick: bool, data: str) -> Dict[str, float]:
     cpu = tf.config.list_physical_devices("CPU")[0]
     tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
     strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+  elif config == "mirrored":
+    strategy = tf.distribute.MirroredStrategy()  # every visible GPU
   elif config == "2_workers":
     strategy = distribute.make_multi_worker_strategy(cluster_timeout_s=300)
   else:
@@ -77,13 +98,17 @@ def _measure(config: str, quick: bool, data: str) -> Dict[str, float]:
           "device": "GPU" if tf.config.list_physical_devices("GPU") else "CPU"}
 
 
-def _run_config(config: str, quick: bool, data: str) -> Dict[str, float]:
+def _run_config(config: str, quick: bool, data: str, gpus: int = 0) -> Dict[str, float]:
   """Runs `config` in fresh process(es); returns the (chief's) measurement."""
   envs = [{}]
   if config == "2_workers":
     ports = distribute.free_local_ports(2)
     envs = [{"TF_CONFIG": json.dumps({"cluster": {"worker": [f"127.0.0.1:{p}" for p in ports]},
                                       "task": {"type": "worker", "index": i}})} for i in range(2)]
+    if gpus:
+      envs = [{**env, "CUDA_VISIBLE_DEVICES": str(i)} for i, env in enumerate(envs)]
+  if gpus:
+    envs = [{**env, "TF_FORCE_GPU_ALLOW_GROWTH": "true"} for env in envs]
   args = [f"--child={config}", f"--data={data}"] + (["--quick"] if quick else [])
   return common.spawn_children("bench.scaling", args, envs)[0]
 
@@ -92,14 +117,16 @@ def measure_all(quick: bool) -> dict:
   """Measures the three configurations; returns them and the 2-over-1 ratios."""
   data = common.data_spec("rp")
   s = SETTINGS[bool(quick)]
+  gpus = _gpu_count()
+  configs = configs_for(gpus)
   result = {"benchmark": "scaling", "quick": bool(quick), "trunk": s["trunk"], "rp": s["rp"],
             "per_replica_batch": s["per_replica_batch"], "timed_steps": s["steps"], "data": data,
-            "cpu_count": os.cpu_count()}
-  for config in CONFIGS:
-    result[config] = _run_config(config, bool(quick), data)
+            "cpu_count": os.cpu_count(), "gpus": gpus, "configs": list(configs)}
+  for config in configs:
+    result[config] = _run_config(config, bool(quick), data, gpus)
   result["device"] = result["1_replica"]["device"]
   base = result["1_replica"]
-  for config in CONFIGS[1:]:
+  for config in configs[1:]:
     result[f"{config}_steps_ratio"] = result[config]["steps_per_s"] / base["steps_per_s"]
     result[f"{config}_examples_ratio"] = result[config]["examples_per_s"] / base["examples_per_s"]
   return result
@@ -108,23 +135,31 @@ def measure_all(quick: bool) -> dict:
 def run(quick: bool = False) -> List[Row]:
   """The rows of the `python -m bench` table: examples/s of 2 replicas/workers over 1 replica."""
   r = measure_all(quick)
-  note = (f"ref: 1 replica; weak scaling (ideal 2.0); {r['cpu_count']} CPU cores, no accelerator: "
-          "overhead, not speed-up" if r["device"] == "CPU" else "ref: 1 replica; weak scaling (ideal 2.0)")
-  return [Row(name=f"scaling {c.replace('_', ' ')} vs 1 ({common.trunk_name(r['trunk'])} rp)",
-              figure=r[c]["examples_per_s"], unit="examples/s", reference=r["1_replica"]["examples_per_s"],
-              ratio=r[f"{c}_examples_ratio"], note=note) for c in CONFIGS[1:]]
+  rows = []
+  for c in r["configs"][1:]:
+    replicas = r[c]["replicas"]
+    if r["device"] == "CPU":
+      note = (f"ref: 1 replica; weak scaling (ideal {replicas:.1f}); {r['cpu_count']} CPU cores, no accelerator: "
+              "overhead, not speed-up")
+    else:
+      note = f"ref: 1 replica on 1 GPU; weak scaling (ideal {replicas:.1f}); {r['gpus']} GPU(s)"
+    label = f"mirrored {replicas} GPU" if c == "mirrored" else c.replace("_", " ")
+    rows.append(Row(name=f"scaling {label} vs 1 ({common.trunk_name(r['trunk'])} rp)",
+                    figure=r[c]["examples_per_s"], unit="examples/s", reference=r["1_replica"]["examples_per_s"],
+                    ratio=r[f"{c}_examples_ratio"], note=note))
+  return rows
 
 
 def _format(r: dict) -> str:
   lines = [f"{'configuration':12s} {'replicas':>8s} {'global batch':>12s} {'steps/s':>9s} {'examples/s':>11s} "
            f"{'first step s':>12s}"]
-  for c in CONFIGS:
+  for c in r["configs"]:
     m = r[c]
     lines.append(f"{c:12s} {m['replicas']:8d} {m['global_batch']:12d} {m['steps_per_s']:9.3f} "
                  f"{m['examples_per_s']:11.2f} {m['first_step_s']:12.1f}")
-  for c in CONFIGS[1:]:
+  for c in r["configs"][1:]:
     lines.append(f"{c} / 1_replica: steps/s x{r[f'{c}_steps_ratio']:.2f} (ideal 1.0), examples/s "
-                 f"x{r[f'{c}_examples_ratio']:.2f} (ideal 2.0)")
+                 f"x{r[f'{c}_examples_ratio']:.2f} (ideal {r[c]['replicas']:.1f})")
   if r["device"] == "CPU":
     lines.append(f"CPU only ({r['cpu_count']} cores): replicas and workers share the same cores, so these "
                  "ratios show the overhead of data parallelism here, not a speed-up.")
@@ -134,7 +169,7 @@ def _format(r: dict) -> str:
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--quick", action="store_true", help="the smoke trunk and 32-px patches (a few minutes).")
-  parser.add_argument("--child", choices=CONFIGS, help=argparse.SUPPRESS)  # internal: one measurement
+  parser.add_argument("--child", choices=sorted(set(CONFIGS + GPU_CONFIGS)), help=argparse.SUPPRESS)  # internal: one measurement
   parser.add_argument("--data", default=None, help=argparse.SUPPRESS)
   args = parser.parse_args()
   if args.child:

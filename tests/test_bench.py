@@ -36,3 +36,28 @@ def test_quick_bench_prints_the_table_and_writes_json(tmp_path):
   assert r["met"] is (r["ratio"] < 0.05)
   assert (" pass " if r["met"] else " MISS ") in row
   assert r["load"] >= 0 and entry["seconds"] > 0
+
+
+def test_gpu_check_script_reports_the_machine_and_writes_json_to_out(tmp_path):
+  """bench/gpu_check.sh end to end with no time for any part (the parts are the bench modules')."""
+  proc = subprocess.run(["bash", "bench/gpu_check.sh", "--budget_s", "0"], cwd=REPO_ROOT,
+                        env={**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable},
+                        capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  result = json.loads((tmp_path / "gpu_check.json").read_text())
+  gpus = result["gpu"]["tensorflow_gpus"]
+  assert result["mode"] == ("full" if gpus else "quick")
+  if not gpus:
+    assert "No GPU found" in proc.stdout and "running the quick table" in proc.stdout
+  from bench import gpu_check
+  assert list(result["modules"]) == [p[0] for p in gpu_check.PARTS]
+  for entry in result["modules"].values():
+    assert entry["error"].startswith("skipped") and entry["timed_out"]
+  assert proc.stdout.splitlines()[-1] == f"JSON: {tmp_path / 'gpu_check.json'}"
+
+
+def test_gpu_check_kills_a_part_out_of_time():
+  from bench import gpu_check
+  entry = gpu_check.run_part("trunk_step", quick=True, timeout_s=1)
+  assert entry["timed_out"] and entry["error"].startswith("timed out") and "rows" not in entry
+  assert entry["seconds"] < 30
