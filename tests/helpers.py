@@ -19,8 +19,10 @@ def first_batch(task, data="embedded", batch_size=4, seed=0):
   return next(iter(task.build_dataset(data, batch_size, seed=seed)))
 
 
-def overfit_single_batch(task, batch, steps=30, learning_rate=1e-3, trunk_kwargs=None):
-  """Trains trunk + the task's head on one batch; returns the loss per step (numpy)."""
+def overfit_single_batch(task, batch, steps=30, learning_rate=1e-3, trunk_kwargs=None, seed=0):
+  """Trains trunk + the task's head on one batch from a seeded initialisation (so the curve is the same
+  run to run); returns the loss per step (numpy)."""
+  keras.utils.set_random_seed(seed)
   trunk = trunk_lib.build_trunk(**(trunk_kwargs or TINY_TRUNK))
   feats = trunk.compute_output_spec(keras.KerasTensor((1,) + tuple(task.trunk_input_shape())))
   head = task.build_head(tuple(feats["block3"].shape[1:]))

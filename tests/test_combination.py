@@ -118,10 +118,11 @@ def paper_optimizer_settings():
   return [dict(s) for s in sorted(settings)]
 
 
-def last_update_norms(tmp_path, settings, steps=3):
-  """Per-task trunk update norms at the last of `steps` steps of a tiny trunk with every registered task."""
+def last_update_norms(tmp_path, settings, steps=3, names=None):
+  """Per-task trunk update norms at the last of `steps` steps of a tiny trunk with tasks `names` (default:
+  every registered task)."""
   from tf_mtssl.pretraining import trainer as train
-  names = task_registry.registered_tasks()
+  names = names or task_registry.registered_tasks()
   config = train.TrainConfig(train_steps=steps, batch_size=2, log_every=1, checkpoint_every=steps,
                              image_summary_every=0, grad_cosine_every=0, progress_bar=False, **settings)
   trainer = train.Trainer(str(tmp_path), {n: helpers.tiny_task(n) for n in names}, helpers.TINY_TRUNK, config,
@@ -137,6 +138,7 @@ def test_per_task_trunk_updates_stay_within_a_small_factor_at_the_paper_settings
   assert all(v > 0 for v in norms.values()), norms
   # Each task's RMSProp normalises its own gradient scale (tf_mtssl/pretraining/optimizer.py): 1.2x measured.
   assert max(norms.values()) / min(norms.values()) < 2.0, norms
-  # The check has power: TF-slim's epsilon 1.0 leaves the raw gradient scales in the updates.
-  unnormalised = last_update_norms(tmp_path / "slim", {**settings[0], "rmsprop_epsilon": 1.0})
+  # The check has power: TF-slim's epsilon 1.0 leaves the raw gradient scales in the updates (shown on the
+  # pair of tasks whose gradient scales differ most here, rp and col: 12x measured; rp and ex 5x).
+  unnormalised = last_update_norms(tmp_path / "slim", {**settings[0], "rmsprop_epsilon": 1.0}, names=["rp", "col"])
   assert max(unnormalised.values()) / min(unnormalised.values()) > 4.0, unnormalised

@@ -176,10 +176,7 @@ class ClassificationSource:
 
   # ---- readers --------------------------------------------------------------------------------
   def _tfds_builder(self):
-    name = self.spec[len("tfds:"):]
-    if not name or ":" in name:
-      raise ValueError(f"Bad tfds spec {self.spec!r}; expected tfds:NAME (splits come from the "
-                       "--train_split / --eval_split flags)")
+    name = sources.tfds_name(self.spec, "--train_split / --eval_split")
     return sources.prepared_tfds_builder(name, self.tfds_data_dir, required_features=("image", "label"))
 
   def _pattern(self, split: str) -> str:

@@ -211,10 +211,7 @@ class DepthSource:
 
   # ---- tfds -----------------------------------------------------------------------------------
   def _tfds_builder(self):
-    name = self.spec[len("tfds:"):]
-    if not name or ":" in name:
-      raise ValueError(f"Bad tfds spec {self.spec!r}; expected tfds:NAME (splits come from "
-                       "--train_split / --test_split)")
+    name = sources.tfds_name(self.spec, "--train_split / --test_split")
     return sources.prepared_tfds_builder(name, self.tfds_data_dir, required_features=("image", "depth"))
 
   def _tfds_split(self, split: str, resize_depth: bool = True) -> tf.data.Dataset:

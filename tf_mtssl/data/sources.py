@@ -87,6 +87,15 @@ def _parse_example_image(serialized: tf.Tensor) -> tf.Tensor:
                   features["image"])
 
 
+def tfds_name(spec: str, splits_from: str) -> str:
+  """NAME of a 'tfds:NAME' spec whose splits come from elsewhere (`splits_from` says where, for the
+  error); ValueError for an empty name or a 'tfds:NAME:SPLIT' spec."""
+  name = spec[len("tfds:"):]
+  if not name or ":" in name:
+    raise ValueError(f"Bad tfds spec {spec!r}: expected tfds:NAME (the splits come from {splits_from})")
+  return name
+
+
 def prepared_tfds_builder(name: str, data_dir: Optional[str], required_features=()):
   """The tensorflow-datasets builder of `name`, which must already be prepared in `data_dir`.
 

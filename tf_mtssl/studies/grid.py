@@ -291,7 +291,8 @@ def run_study(study: StudyConfig, work_dir: str, on_record: Optional[Callable[[L
             pretrain(study, name, seed, str(run_dir), commit)
             keras.utils.clear_session()
           ckpt = str(run_dir / f"ckpt-{step}")
-          trunk_fn = lambda ckpt=ckpt, run_dir=run_dir: checkpoints.restore_trunk(str(run_dir), ckpt)  # noqa: E731
+          trunk_fn = lambda ckpt=ckpt, run_dir=run_dir: trunk_source.load_trunk(  # noqa: E731
+              "pretrained", model_dir=str(run_dir), checkpoint=ckpt)[0]
           extra["pretext"] = {tag: [v for s, v in points if s <= step][-1:]
                               for tag, points in read_scalars(str(run_dir / "train")).items()
                               if tag.split("/")[0] in COMBINATIONS[name].tasks}
@@ -337,7 +338,8 @@ def weight_change(study: StudyConfig, work_dir: str, record: Dict) -> Optional[f
   run_dir = pathlib.Path(work_dir) / "runs" / f"{record['config']}-s{record['seed']}-{record['run_key']}"
   if not (run_dir / f"ckpt-{record['step']}.index").exists():
     return None
-  trained = checkpoints.restore_trunk(str(run_dir), str(run_dir / f"ckpt-{record['step']}"))
+  trained, _ = trunk_source.load_trunk("pretrained", model_dir=str(run_dir),
+                                       checkpoint=str(run_dir / f"ckpt-{record['step']}"))
   init, _ = trunk_source.load_trunk("random", trunk_config=study.trunk, seed=record["seed"])
   num, den = 0.0, 0.0
   for a, b in zip(trained.weights, init.weights):

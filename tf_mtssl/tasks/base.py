@@ -32,8 +32,8 @@ class Task(abc.ABC):
 
   Attributes:
     name: registry name (`rp`, `col`, `ex`, `ms`).
-    Options: frozen dataclass of the task's hyper-parameters, every field with a real default and a
-      `metadata={"help": ...}` string.
+    Options: frozen dataclass of the task's hyper-parameters, every field a `tf_mtssl.core.configs.field`
+      (its default and help once; the flag generator makes --<task>_<field> from it).
   """
 
   name: ClassVar[str]

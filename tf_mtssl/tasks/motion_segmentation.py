@@ -23,6 +23,7 @@ import keras
 import tensorflow as tf
 from keras import layers
 
+from tf_mtssl.core import configs
 from tf_mtssl.data import motion_mask_records
 from tf_mtssl.model import preprocessing
 from tf_mtssl.model import trunk as trunk_lib
@@ -33,12 +34,11 @@ from tf_mtssl.tasks.base import Task
 
 @dataclasses.dataclass(frozen=True)
 class MotionSegmentationOptions:
-  head_width: int = dataclasses.field(default=256, metadata={"help": "3x3 conv width of the head "
-                                                                     "(paper_spec 3.4 [I]: 256)."})
-  predict_stride: int = dataclasses.field(default=8, metadata={"help": "Prediction stride, 8 (x2 "
-                                                                       "upsampling) or 16 (paper_spec 3.4)."})
-  min_crop_scale: float = dataclasses.field(default=0.5, metadata={
-      "help": "Random square crops cover this fraction of the shorter side, or more."})
+  head_width: int = configs.field(256, "3x3 conv width of the head "
+                                                                     "(paper_spec 3.4 [I]: 256).")
+  predict_stride: int = configs.field(8, "Prediction stride, 8 (x2 "
+                                                                       "upsampling) or 16 (paper_spec 3.4).")
+  min_crop_scale: float = configs.field(0.5, "Random square crops cover this fraction of the shorter side, or more.")
 
 
 _MASKS_HOWTO = ("ms reads motion-mask TFRecords made from videos by `python -m tf_mtssl.make_motion_masks "

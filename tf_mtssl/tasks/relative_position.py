@@ -32,6 +32,7 @@ import keras
 import tensorflow as tf
 from keras import layers
 
+from tf_mtssl.core import configs
 from tf_mtssl.model import preprocessing
 from tf_mtssl.model import trunk as trunk_lib
 from tf_mtssl.data import sources
@@ -54,21 +55,16 @@ def label_for_offset(dx: int, dy: int) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class RelativePositionOptions:
-  patch_size: int = dataclasses.field(default=96, metadata={"help": "Patch side in px (paper_spec 3.1: 96)."})
-  gap: int = dataclasses.field(default=48, metadata={"help": "Gap between grid cells in px (paper_spec 3.1: 48)."})
-  jitter: int = dataclasses.field(default=7, metadata={"help": "Max per-patch jitter in px (paper_spec 3.1: 7)."})
-  pixelation_prob: float = dataclasses.field(
-      default=1 / 3, metadata={"help": "Probability of pixelating a patch (paper_spec 3.1: 1/3)."})
-  min_pixels: int = dataclasses.field(
-      default=150_000, metadata={"help": "Min image pixel count after rescaling, at 96-px patches "
-                                         "(scaled by (patch_size/96)^2; paper_spec 3.1)."})
-  max_pixels: int = dataclasses.field(
-      default=450_000, metadata={"help": "Max image pixel count after rescaling, at 96-px patches."})
-  reduce_channels: int = dataclasses.field(
-      default=256, metadata={"help": "1x1-conv channels before the per-patch FC (see module doc)."})
-  hidden: int = dataclasses.field(default=4096, metadata={"help": "Width of the head's FC layers (C1: 4096)."})
-  rms_scale: float = dataclasses.field(
-      default=50.0, metadata={"help": "Colour-dropped patches are scaled to this RMS (C1: 50)."})
+  patch_size: int = configs.field(96, "Patch side in px (paper_spec 3.1: 96).")
+  gap: int = configs.field(48, "Gap between grid cells in px (paper_spec 3.1: 48).")
+  jitter: int = configs.field(7, "Max per-patch jitter in px (paper_spec 3.1: 7).")
+  pixelation_prob: float = configs.field(1 / 3, "Probability of pixelating a patch (paper_spec 3.1: 1/3).")
+  min_pixels: int = configs.field(150_000, "Min image pixel count after rescaling, at 96-px patches "
+                                         "(scaled by (patch_size/96)^2; paper_spec 3.1).")
+  max_pixels: int = configs.field(450_000, "Max image pixel count after rescaling, at 96-px patches.")
+  reduce_channels: int = configs.field(256, "1x1-conv channels before the per-patch FC (see module doc).")
+  hidden: int = configs.field(4096, "Width of the head's FC layers (C1: 4096).")
+  rms_scale: float = configs.field(50.0, "Colour-dropped patches are scaled to this RMS (C1: 50).")
 
 
 def rescaled_size(image_hw: tf.Tensor, seed: tf.Tensor, opts: RelativePositionOptions) -> tf.Tensor:

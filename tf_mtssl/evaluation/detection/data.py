@@ -98,10 +98,7 @@ def raw_examples(spec: str, split: str, tfds_data_dir: Optional[str] = None,
   if spec == "embedded":
     return _embedded_examples(split, embedded_set)
   if spec.startswith("tfds:"):
-    name = spec[len("tfds:"):]
-    if not name or ":" in name:
-      raise ValueError(f"Bad detection data spec {spec!r}: expected tfds:NAME (give the split separately)")
-    return _tfds_examples(name, split, tfds_data_dir)
+    return _tfds_examples(sources.tfds_name(spec, "--train_split / --test_split"), split, tfds_data_dir)
   raise ValueError(f"Unknown detection data spec {spec!r}: expected 'embedded' or 'tfds:NAME'")
 
 

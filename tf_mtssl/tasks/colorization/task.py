@@ -35,6 +35,7 @@ import numpy as np
 import tensorflow as tf
 from keras import layers
 
+from tf_mtssl.core import configs
 from tf_mtssl.model import color
 from tf_mtssl.model import preprocessing
 from tf_mtssl.model import trunk as trunk_lib
@@ -53,29 +54,19 @@ log = logging.getLogger(__name__)
 
 @dataclasses.dataclass(frozen=True)
 class ColorizationOptions:
-  head_width: int = dataclasses.field(
-      default=512, metadata={"help": "Channels of the head's 3x3 conv on block 3 (paper_spec 3.2 [I]: 512)."})
-  upsample_width: int = dataclasses.field(
-      default=256, metadata={"help": "Channels of the head's x2 transposed conv (paper_spec 3.2 [I]: 256)."})
-  num_neighbors: int = dataclasses.field(
-      default=5, metadata={"help": "Nearest bins of the soft encoding (paper_spec 3.2: 5; Zhang's code: 10)."})
-  sigma: float = dataclasses.field(
-      default=5.0, metadata={"help": "Gaussian sigma of the soft encoding, ab units (paper_spec 3.2: 5)."})
-  rebalance_lambda: float = dataclasses.field(
-      default=0.5, metadata={"help": "Class rebalancing: mix of prior and uniform (paper_spec 3.2: 0.5)."})
-  gray_threshold: float = dataclasses.field(
-      default=5.0, metadata={"help": "Crops with |a|,|b| <= this everywhere are gray: weight 0 (paper_spec 3.2)."})
-  prior_path: str = dataclasses.field(
-      default="", metadata={"help": "Rebalancing prior .npy (313 floats, e.g. from "
+  head_width: int = configs.field(512, "Channels of the head's 3x3 conv on block 3 (paper_spec 3.2 [I]: 512).")
+  upsample_width: int = configs.field(256, "Channels of the head's x2 transposed conv (paper_spec 3.2 [I]: 256).")
+  num_neighbors: int = configs.field(5, "Nearest bins of the soft encoding (paper_spec 3.2: 5; Zhang's code: 10).")
+  sigma: float = configs.field(5.0, "Gaussian sigma of the soft encoding, ab units (paper_spec 3.2: 5).")
+  rebalance_lambda: float = configs.field(0.5, "Class rebalancing: mix of prior and uniform (paper_spec 3.2: 0.5).")
+  gray_threshold: float = configs.field(5.0, "Crops with |a|,|b| <= this everywhere are gray: weight 0 (paper_spec 3.2).")
+  prior_path: str = configs.field("", "Rebalancing prior .npy (313 floats, e.g. from "
                                     "`python -m tf_mtssl.colorization_prior`); empty: "
-                                    "prior_lib.npy beside the data, else computed at start-up."})
-  prior_num_images: int = dataclasses.field(
-      default=1000, metadata={"help": "Images used when the prior has to be computed at start-up."})
-  min_crop_scale: float = dataclasses.field(
-      default=0.6875, metadata={"help": "Smallest random crop, as a fraction of the shorter side "
-                                        "(paper_spec 3.2 [I]: Zhang's 176 of 256 px)."})
-  temperature: float = dataclasses.field(
-      default=0.38, metadata={"help": "Annealed-mean temperature of the TensorBoard predictions (Zhang: 0.38)."})
+                                    "colorization_prior.npy beside the data, else computed at start-up.")
+  prior_num_images: int = configs.field(1000, "Images used when the prior has to be computed at start-up.")
+  min_crop_scale: float = configs.field(0.6875, "Smallest random crop, as a fraction of the shorter side "
+                                        "(paper_spec 3.2 [I]: Zhang's 176 of 256 px).")
+  temperature: float = configs.field(0.38, "Annealed-mean temperature of the TensorBoard predictions (Zhang: 0.38).")
 
 
 class ColorizationTask(Task):

@@ -24,6 +24,7 @@ import keras
 import tensorflow as tf
 from keras import layers
 
+from tf_mtssl.core import configs
 from tf_mtssl.tasks.exemplar import augment
 from tf_mtssl.tasks.exemplar import triplet_loss as losses
 from tf_mtssl.model import preprocessing
@@ -34,17 +35,12 @@ from tf_mtssl.tasks.base import Task
 
 @dataclasses.dataclass(frozen=True)
 class ExemplarOptions:
-  views: int = dataclasses.field(
-      default=8, metadata={"help": "Augmented views per source image (paper_spec 3.3 / S6: 8); >= 2."})
-  embedding_dim: int = dataclasses.field(
-      default=1000, metadata={"help": "Size of the L2-normalised embedding (paper_spec 3.3 / S6: 1000)."})
-  margin: float = dataclasses.field(
-      default=0.5, metadata={"help": "Triplet margin (paper_spec 3.3: 0.5 with cosine distance)."})
-  distance: str = dataclasses.field(
-      default="cosine", metadata={"help": "Triplet distance: cosine (paper_spec 3.3) or squared_l2."})
-  seed_crop_fraction: float = dataclasses.field(
-      default=0.6, metadata={"help": "Side of the seed patch the views are drawn around, as a fraction "
-                                     "of the image's shorter side [I]; in (0, 1]."})
+  views: int = configs.field(8, "Augmented views per source image (paper_spec 3.3 / S6: 8); >= 2.")
+  embedding_dim: int = configs.field(1000, "Size of the L2-normalised embedding (paper_spec 3.3 / S6: 1000).")
+  margin: float = configs.field(0.5, "Triplet margin (paper_spec 3.3: 0.5 with cosine distance).")
+  distance: str = configs.field("cosine", "Triplet distance: cosine (paper_spec 3.3) or squared_l2.")
+  seed_crop_fraction: float = configs.field(0.6, "Side of the seed patch the views are drawn around, as a fraction "
+                                     "of the image's shorter side [I]; in (0, 1].")
 
 
 def retrieval_accuracy(labels: tf.Tensor, distances: tf.Tensor) -> tf.Tensor:
