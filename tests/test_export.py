@@ -14,7 +14,8 @@ from PIL import Image
 
 from tests import helpers
 
-pytestmark = pytest.mark.slow  # a module fixture trains or converts a model (tens of seconds)
+# A module fixture trains or converts a model (tens of seconds): slow, and made once (one xdist worker).
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("export")]
 from tf_mtssl.runs import checkpoints
 from tf_mtssl.serving import export as export_lib
 from tf_mtssl.runs import exports

@@ -17,7 +17,8 @@ import tensorflow as tf
 
 from tests import helpers
 
-pytestmark = pytest.mark.slow  # a module fixture trains or converts a model (tens of seconds)
+# A module fixture trains or converts a model (tens of seconds): slow, and made once (one xdist worker).
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("import_checkpoint")]
 from tf_mtssl.runs import checkpoints
 from tf_mtssl.model import preprocessing
 from tf_mtssl.runs import slim_import as slim_checkpoint

@@ -9,7 +9,8 @@ import pytest
 
 from tests import helpers
 
-pytestmark = pytest.mark.slow  # a module fixture trains or converts a model (tens of seconds)
+# A module fixture trains or converts a model (tens of seconds): slow, and made once (one xdist worker).
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("mixed_precision")]
 from tf_mtssl.pretraining import trainer as train
 
 TASKS = ("rp", "col")  # a dense and a pairwise head
