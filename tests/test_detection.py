@@ -228,6 +228,7 @@ def test_tiny_detector_overfits_a_few_embedded_images(tmp_path):
                                                 object_size=(0.25, 0.5), seed=0))
   examples, class_names = data_lib.raw_examples("embedded", "train", embedded_set=scenes)
   input_config = data_lib.InputConfig(min_side=128, max_side=128, batch_size=4, flip=False)
+  keras.utils.set_random_seed(0)  # the same initialisation whatever ran before in this process
   detector = tiny_detector()
   config = train_lib.FinetuneConfig(train_steps=100, learning_rate=0.02, lr_decay_steps=(), warmup_steps=0,
                                     log_every=50, checkpoint_every=1000, summary_images=2)
