@@ -14,7 +14,8 @@ from PIL import Image
 
 from tests import helpers
 
-# A module fixture trains or converts a model (tens of seconds): slow, and made once (one xdist worker).
+# Fixtures train or convert a model (tens of seconds): slow, and made once, on one xdist worker (the group),
+# session-scoped because a module fixture is rebuilt whenever its worker runs another module's test between.
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("export")]
 from tf_mtssl.runs import checkpoints
 from tf_mtssl.serving import export as export_lib
@@ -25,7 +26,7 @@ from tf_mtssl.model import preprocessing
 IMAGE_SIZE = 64
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def run_dir(tiny_run):
   """The session's tiny pretraining run (conftest.tiny_run: ckpt-1 and ckpt-2)."""
   return tiny_run
@@ -41,7 +42,7 @@ def _export_binary(log_dir, *args):
   return proc
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def exported(run_dir, tmp_path_factory):
   """Version 1 exported in-process; then the binary exports ckpt-1 as version 2 in the background
   (it runs while the other tests do; `test_binary_exports_a_named_checkpoint_as_version_2` waits)."""
@@ -57,7 +58,7 @@ def exported(run_dir, tmp_path_factory):
       binary.wait()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def loaded(exported):
   return tf.saved_model.load(exported[2])
 

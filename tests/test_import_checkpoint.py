@@ -17,7 +17,8 @@ import tensorflow as tf
 
 from tests import helpers
 
-# A module fixture trains or converts a model (tens of seconds): slow, and made once (one xdist worker).
+# Fixtures train or convert a model (tens of seconds): slow, and made once, on one xdist worker (the group),
+# session-scoped because a module fixture is rebuilt whenever its worker runs another module's test between.
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("import_checkpoint")]
 from tf_mtssl.runs import checkpoints
 from tf_mtssl.model import preprocessing
@@ -29,7 +30,7 @@ SCOPE = f"resnet_v2_{TINY_DEPTH}"
 ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "CUDA_VISIBLE_DEVICES": ""}
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def slim_ref(tmp_path_factory):
   out = tmp_path_factory.mktemp("slim_ref")
   proc = subprocess.run([sys.executable, "-m", "tests.slim_reference", f"--out={out}",

@@ -9,14 +9,15 @@ import pytest
 
 from tests import helpers
 
-# A module fixture trains or converts a model (tens of seconds): slow, and made once (one xdist worker).
+# Fixtures train or convert a model (tens of seconds): slow, and made once, on one xdist worker (the group),
+# session-scoped because a module fixture is rebuilt whenever its worker runs another module's test between.
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("mixed_precision")]
 from tf_mtssl.pretraining import trainer as train
 
 TASKS = ("rp", "col")  # a dense and a pairwise head
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def photos(tmp_path_factory):
   return helpers.write_photos(tmp_path_factory.mktemp("photos"), size=96)
 
@@ -33,7 +34,7 @@ def losses_after(tmp_path, photos, precision, steps=2):
   return trainer, [{n: r["loss"] for n, r in trainer.run_steps(iterators).metrics.items()} for _ in range(steps)]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def reference(tmp_path_factory, photos):
   return losses_after(tmp_path_factory.mktemp("fp32"), photos, "none")[1]
 

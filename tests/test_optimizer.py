@@ -14,6 +14,11 @@ def make(num_tasks=2, shape=(5,), **kwargs):
   return shared, own, optimizer_lib.PerTaskRMSProp(shared, own, **{**settings, **kwargs})
 
 
+def update_norms(opt, grads):
+  """One `apply`; task -> the norm of its trunk update."""
+  return {t: m["trunk_update_norm"] for t, m in opt.apply(grads).items()}
+
+
 def random_grads(opt, scales, seed=0):
   rng = np.random.default_rng(seed)
   return {t: [tf.constant(rng.normal(size=v.shape).astype(np.float32) * scale) for v in opt.variables_of(t)]
@@ -22,10 +27,14 @@ def random_grads(opt, scales, seed=0):
 
 def test_each_task_update_is_normalised_whatever_its_gradient_scale():
   shared, _, opt = make(num_tasks=2)
-  norms = opt.apply(random_grads(opt, scales=[1e-4, 1e3]))
-  # First step, bias-corrected: every element moves by lr * sign(g), so both norms are lr * sqrt(5).
+  grads = random_grads(opt, scales=[1e-4, 1e3])
+  metrics = opt.apply(grads)
   for t in opt.task_names:
-    np.testing.assert_allclose(float(norms[t]), 0.01 * np.sqrt(5), rtol=1e-2)  # eps / |g| <= 1e-2
+    # First step, bias-corrected: every element moves by lr * sign(g), so both norms are lr * sqrt(5).
+    np.testing.assert_allclose(float(metrics[t]["trunk_update_norm"]), 0.01 * np.sqrt(5), rtol=1e-2)  # eps/|g| <= 1e-2
+    # ... while the gradient norms it reports keep the raw scales (1e-4 vs 1e3) apart.
+    np.testing.assert_allclose(float(metrics[t]["trunk_gradient_norm"]), np.linalg.norm(grads[t][0].numpy()),
+                               rtol=1e-5)
 
 
 def test_rounding_noise_of_a_zero_true_gradient_barely_moves_a_parameter_at_the_default_epsilon():
@@ -41,7 +50,7 @@ def test_tf_slim_epsilon_does_not_normalise():
   """The paper flagfiles' former epsilon 1.0 (TF-slim's, under Keras' root) made the updates track the
   raw gradient scale; outside the root it still dominates |g| < 1: the updates differ by the scale ratio."""
   _, _, opt = make(num_tasks=2, epsilon=1.0)
-  norms = opt.apply(random_grads(opt, scales=[1e-4, 1e-2]))
+  norms = update_norms(opt, random_grads(opt, scales=[1e-4, 1e-2]))
   assert float(norms["t1"]) / float(norms["t0"]) > 50
 
 
@@ -49,7 +58,7 @@ def test_tf_slim_epsilon_does_not_normalise():
 def test_trunk_gets_the_sum_or_the_mean_of_the_task_updates_and_heads_their_own(combine):
   shared, own, opt = make(num_tasks=3, combine=combine)
   grads = {t: [tf.fill([5], 2.0 * (i + 1)), tf.fill([3], -1.0)] for i, t in enumerate(opt.task_names)}
-  norms = opt.apply(grads)
+  norms = update_norms(opt, grads)
   per_task = 0.01  # lr * sign(g) per element on the first bias-corrected step
   expected_trunk = 1.0 - per_task * (3 if combine == "sum" else 1)
   np.testing.assert_allclose(shared[0].numpy(), np.full(5, expected_trunk), rtol=1e-5)
@@ -96,8 +105,11 @@ def test_dynamic_loss_scale_skips_a_task_with_non_finite_gradients():
   shared, own, opt = make(num_tasks=2, loss_scale="dynamic", initial_loss_scale=8.0)
   np.testing.assert_allclose(float(opt.scale_loss("t0", tf.constant(2.0))), 16.0, rtol=1e-6)
   grads = {"t0": [tf.fill([5], np.inf), tf.fill([3], 1.0)], "t1": [tf.fill([5], 8.0), tf.fill([3], 8.0)]}
-  norms = opt.apply(grads)
-  assert float(norms["t0"]) == 0.0 and float(norms["t1"]) > 0
+  metrics = opt.apply(grads)
+  assert float(metrics["t0"]["trunk_update_norm"]) == 0.0 and float(metrics["t1"]["trunk_update_norm"]) > 0
+  # The skipped task's gradient norm is reported as 0, not inf (its loss is finite: the run goes on).
+  assert float(metrics["t0"]["trunk_gradient_norm"]) == 0.0
+  np.testing.assert_allclose(float(metrics["t1"]["trunk_gradient_norm"]), np.sqrt(5.0), rtol=1e-5)  # 8 / scale 8
   np.testing.assert_allclose(own["t0"][0].numpy(), np.ones(3), rtol=0)  # skipped: untouched
   np.testing.assert_allclose(own["t1"][0].numpy(), np.full(3, 0.99), rtol=1e-5)
   np.testing.assert_allclose(shared[0].numpy(), np.full(5, 0.99), rtol=1e-5)  # only t1's update

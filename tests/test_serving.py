@@ -91,7 +91,7 @@ class _Server:
         self.proc.wait(timeout=30)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def export_dir(tmp_path_factory):
   """A tiny random trunk exported as version 1 (serving needs an export, not a trained one)."""
   path = str(tmp_path_factory.mktemp("exports"))
@@ -99,7 +99,7 @@ def export_dir(tmp_path_factory):
   return path
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def server(export_dir):
   srv = _Server(export_dir)
   try:
@@ -110,18 +110,18 @@ def server(export_dir):
     srv.stop()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def huge_png():
   return _black_png(8000, 8000)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def reference(export_dir):
   """Outputs of version 1 computed in this process."""
   return tf.saved_model.load(os.path.join(export_dir, "1")).signatures["serving_default"]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def stub(server):
   return serving_client.make_stub(f"127.0.0.1:{server.grpc_port}")
 

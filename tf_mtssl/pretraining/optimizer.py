@@ -11,8 +11,10 @@ task t's loss and k_t the number of updates task t has made:
 so each task's update is normalised element by element by that task's own gradient RMS: its size is
 about lr whatever the scale of the task's loss, which is what makes the combination insensitive to the
 relative scale of the task losses (paper_spec 4). The momentum buffer m_t is the update task t applies
-(as in TF's and Keras' RMSprop, lr is inside it); `apply` returns its L2 norm over the shared
-variables.
+(as in TF's and Keras' RMSprop, lr is inside it). `apply` returns, per task, its L2 norm over the
+shared variables (`trunk_update_norm`) beside the L2 norm of the task's own trunk gradient
+(`trunk_gradient_norm`): the first is what the normalisation evens out, the second what it evens out
+from (at initialisation the tasks' trunk gradients differ ~60x in norm; their updates ~1.1x).
 
 Choices, and why [I: the paper's settings were not recovered]:
 - epsilon sits outside the square root (as in Adam and PyTorch's RMSprop), so it is compared with the
@@ -67,6 +69,12 @@ def is_decayed(variable) -> bool:
 def _tf_variable(variable):
   """The tf.Variable behind a Keras variable (tf.distribute works on tf.Variables)."""
   return getattr(variable, "value", variable) if not isinstance(variable, tf.Variable) else variable
+
+
+def _global_norm(tensors: Sequence[tf.Tensor]) -> tf.Tensor:
+  """L2 norm of all `tensors` together, in float32 (0 for none)."""
+  squares = [tf.reduce_sum(tf.square(tf.cast(t, tf.float32))) for t in tensors]
+  return tf.sqrt(tf.add_n(squares)) if squares else tf.constant(0.0)
 
 
 class _Targets:
@@ -160,12 +168,14 @@ class PerTaskRMSProp(tf.Module):
     return loss * tf.cast(self.loss_scales[task], loss.dtype)
 
   # ---- the update ------------------------------------------------------------------------------
-  def apply(self, grads: Dict[str, Sequence[Optional[tf.Tensor]]]) -> Dict[str, tf.Tensor]:
+  def apply(self, grads: Dict[str, Sequence[Optional[tf.Tensor]]]) -> Dict[str, Dict[str, tf.Tensor]]:
     """Applies one step from each task's (per-replica) gradients, in `variables_of(task)` order.
 
     Call in a replica context (inside `strategy.run`), or eagerly/in a tf.function without a strategy.
-    Returns task -> L2 norm of the update that task applied to the shared variables in this step
-    (weight decay excluded; scaled by 1/T under combine="mean"; 0 for a task that skipped its step).
+    Returns task -> {"trunk_update_norm": L2 norm of the update that task applied to the shared
+    variables in this step (weight decay excluded; scaled by 1/T under combine="mean"),
+    "trunk_gradient_norm": L2 norm of its gradient over the shared variables (summed over replicas,
+    unscaled)}; both 0 for a task that skipped its step.
     """
     if set(grads) != set(self.task_names):
       raise ValueError(f"Gradients given for {sorted(grads)}, expected {sorted(self.task_names)}")
@@ -197,12 +207,9 @@ class PerTaskRMSProp(tf.Module):
     else:
       context.merge_call(self._update_all, args=(reduced, finite))
     scale = 1.0 / len(self.task_names) if self.combine == "mean" else 1.0
-    norms = {}
-    for t in self.task_names:
-      squares = [tf.reduce_sum(tf.square(tf.cast(u, tf.float32))) for u in self.updates[t][:len(self.shared)]]
-      norm = scale * tf.sqrt(tf.add_n(squares)) if squares else tf.constant(0.0)
-      norms[t] = tf.where(finite[t], norm, 0.0)
-    return norms
+    return {t: {"trunk_update_norm": tf.where(finite[t], scale * _global_norm(self.updates[t][:len(self.shared)]), 0.0),
+                "trunk_gradient_norm": tf.where(finite[t], _global_norm(reduced[t][:len(self.shared)]), 0.0)}
+            for t in self.task_names}
 
   def _update_all(self, strategy, grads, finite):
     """Cross-replica: updates every variable and slot on every replica's copy."""

@@ -6,7 +6,8 @@ MultiWorkerMirroredStrategy, keras#20585). Within one step every task's gradient
 the same weights first; then `tf_mtssl.pretraining.optimizer.PerTaskRMSProp` normalises each task's gradient by
 that task's own RMSProp state and applies the sum (or mean) of the task updates to the trunk, each
 task's update to its own head, and weight decay once (paper_spec 4: "separate RMSProp optimizers").
-`<task>/trunk_update_norm` logs the size of each task's trunk update.
+`<task>/trunk_update_norm` logs the size of each task's trunk update and `<task>/trunk_gradient_norm`
+the size of the gradient it came from (the normalisation evens out the first, not the second).
 
 Distribution. Runs in `tf.distribute.get_strategy()` or the strategy passed in
 (`tf_mtssl.pretraining.distribution.make_strategy`). Each task's dataset is built once per input pipeline with
@@ -363,8 +364,8 @@ class Trainer:
 
   def _replica_step(self, batches, with_cosines: bool):
     grads, results, cosines = self._gradient_fn(with_cosines)(batches)
-    for name, norm in self.optimizer.apply(grads).items():
-      results[name]["trunk_update_norm"] = norm
+    for name, norms in self.optimizer.apply(grads).items():
+      results[name].update(norms)
     return results, cosines
 
   def _distributed_step(self, iterators, with_cosines: bool):
