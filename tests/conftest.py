@@ -8,6 +8,35 @@ os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 import pytest  # noqa: E402
 
 
+# Modules whose fixtures build a model, convert a checkpoint or start a server (tens of seconds): all their
+# tests run on one xdist worker, so each such fixture (session-scoped) is made once. (pytest-xdist's own
+# `xdist_group` mark does nothing under pytest 9: xdist 3.6-3.8 renames Item._nodeid, which pytest 9 no
+# longer reads. This uses xdist's public scheduler hook instead.)
+ONE_WORKER_MODULES = ("test_combination.py", "test_export.py", "test_import_checkpoint.py",
+                      "test_mixed_precision.py", "test_serving.py")
+
+
+def pytest_xdist_make_scheduler(config, log):
+  """`--dist loadscope`: every test is its own work unit, except those of ONE_WORKER_MODULES (one unit
+  per module). Units of several tests go first (xdist orders units by size), then the rest in collection
+  order, which puts the slow tests first (below): the long ones start early, the short ones fill the end."""
+  if config.getoption("dist") != "loadscope":
+    return None
+  from xdist.scheduler import LoadScopeScheduling
+
+  class OneWorkerModules(LoadScopeScheduling):
+    def _split_scope(self, nodeid: str) -> str:
+      module = nodeid.split("::", 1)[0]
+      return module if os.path.basename(module) in ONE_WORKER_MODULES else nodeid
+
+  return OneWorkerModules(config, log)
+
+
+def pytest_collection_modifyitems(config, items):
+  """Slow tests first (a stable sort: otherwise in file order), for the scheduler above."""
+  items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 def pytest_configure(config):
   config.addinivalue_line("markers", "slow: 3 s or more (trains, spawns processes or builds large models); "
                           "`-m 'not slow'` is the inner loop")

@@ -16,6 +16,9 @@ read_flagfile = cli.read_flagfile
 
 
 def first_batch(task, data="embedded", batch_size=4, seed=0):
+  """The first batch of `task`'s pipeline, the same whatever ran before in this process (the global
+  random seeds are set first: a test's data must not depend on the tests its xdist worker ran)."""
+  keras.utils.set_random_seed(seed)
   return next(iter(task.build_dataset(data, batch_size, seed=seed)))
 
 

@@ -109,8 +109,8 @@ def paper_optimizer_settings():
 @pytest.fixture(scope="session")
 def four_task_lasso_run(tmp_path_factory):
   """The pretraining binary on every registered task with the lasso, the smoke trunk and the paper
-  flagfiles' optimizer settings, 4 steps: one run (a 4-task trace is ~30 s) read by the tests of the
-  `four_task_lasso_run` xdist group, which keeps them on one worker."""
+  flagfiles' optimizer settings, 4 steps: one run (a 4-task trace is ~30 s) read by the tests below
+  (this module's tests stay on one xdist worker: conftest.ONE_WORKER_MODULES)."""
   settings = paper_optimizer_settings()
   assert len(settings) == 1, f"paper flagfiles disagree on the optimizer: {settings}"
   run = tmp_path_factory.mktemp("four_task_lasso") / "run"
@@ -124,14 +124,17 @@ def four_task_lasso_run(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("four_task_lasso_run")
 def test_four_task_lasso_run_writes_alpha_images_and_gradient_cosines(four_task_lasso_run):
   run = four_task_lasso_run
   scalars, images = read_events(str(run / "train"))
   tags = set(scalars) | images
   assert "lasso/alpha" in tags
   names = task_registry.registered_tasks()
-  assert {f"grad_cosine/{a}_vs_{b}" for a, b in itertools.combinations(sorted(names), 2)} <= tags
+  cosines = {f"grad_cosine/{a}_vs_{b}" for a, b in itertools.combinations(sorted(names), 2)}
+  assert cosines <= tags
+  for tag in cosines:
+    assert [step for step, _ in scalars[tag]] == [2, 4], scalars[tag]
+    assert all(-1.0 <= value <= 1.0 and value != 0.0 for _, value in scalars[tag]), scalars[tag]
   for name in names:
     assert {f"{name}/loss", f"{name}/trunk_update_norm", f"{name}/trunk_gradient_norm"} <= tags
   from tf_mtssl.runs import checkpoints
@@ -141,7 +144,6 @@ def test_four_task_lasso_run_writes_alpha_images_and_gradient_cosines(four_task_
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("four_task_lasso_run")
 def test_per_task_trunk_updates_stay_within_a_small_factor_at_the_paper_settings(four_task_lasso_run):
   scalars, _ = read_events(str(four_task_lasso_run / "train"))
   names = task_registry.registered_tasks()

@@ -14,9 +14,10 @@ from PIL import Image
 
 from tests import helpers
 
-# Fixtures train or convert a model (tens of seconds): slow, and made once, on one xdist worker (the group),
-# session-scoped because a module fixture is rebuilt whenever its worker runs another module's test between.
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("export")]
+# Fixtures train or convert a model (tens of seconds): slow, and made once: the module's tests stay on one
+# xdist worker (conftest.ONE_WORKER_MODULES) and its fixtures are session-scoped (a module-scoped one is
+# rebuilt whenever the worker runs another module's test in between).
+pytestmark = pytest.mark.slow
 from tf_mtssl.runs import checkpoints
 from tf_mtssl.serving import export as export_lib
 from tf_mtssl.runs import exports

@@ -17,9 +17,10 @@ import tensorflow as tf
 
 from tests import helpers
 
-# Fixtures train or convert a model (tens of seconds): slow, and made once, on one xdist worker (the group),
-# session-scoped because a module fixture is rebuilt whenever its worker runs another module's test between.
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("import_checkpoint")]
+# Fixtures train or convert a model (tens of seconds): slow, and made once: the module's tests stay on one
+# xdist worker (conftest.ONE_WORKER_MODULES) and its fixtures are session-scoped (a module-scoped one is
+# rebuilt whenever the worker runs another module's test in between).
+pytestmark = pytest.mark.slow
 from tf_mtssl.runs import checkpoints
 from tf_mtssl.model import preprocessing
 from tf_mtssl.runs import slim_import as slim_checkpoint

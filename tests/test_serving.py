@@ -38,8 +38,8 @@ IMAGE_SIZE = 64
 START_TIMEOUT_S = 240
 ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "CUDA_VISIBLE_DEVICES": ""}
 # The module's server runs with small limits so that tests can cross them cheaply.
-# The module's server and export are made once: all its tests on one xdist worker.
-pytestmark = pytest.mark.xdist_group("serving")
+# The module's server and export are made once (session-scoped fixtures; all its tests on one xdist worker:
+# conftest.ONE_WORKER_MODULES).
 
 SERVER_LIMITS = dict(max_body_mb=1, max_instances=8, max_image_pixels=250_000)
 README_IMAGE = "data/embedded/images/opencv_baboon.jpg"  # the README's example image (180 KB)
