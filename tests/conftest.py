@@ -33,8 +33,12 @@ def pytest_xdist_make_scheduler(config, log):
 
 
 def pytest_collection_modifyitems(config, items):
-  """Slow tests first (a stable sort: otherwise in file order), for the scheduler above."""
-  items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+  """Slow tests first, for the scheduler above (a stable sort: otherwise in file order). The tests of
+  ONE_WORKER_MODULES keep their file order: they share fixtures, and a later test may build on an
+  earlier one's state (test_serving exports a newer version last)."""
+  def later(item):
+    return item.path.name not in ONE_WORKER_MODULES and item.get_closest_marker("slow") is None
+  items.sort(key=later)
 
 
 def pytest_configure(config):
