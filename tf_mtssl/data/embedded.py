@@ -20,6 +20,11 @@ def images_dir() -> pathlib.Path:
   return root() / "images"
 
 
+def photos_dir() -> pathlib.Path:
+  """More real photos (Debian wallpaper and demo packages) for natural-image pretraining."""
+  return root() / "photos"
+
+
 def videos_dir() -> pathlib.Path:
   """Real video clips (vtest.avi, bikes.mp4, carphone_pristine.mp4, ...)."""
   return root() / "videos"

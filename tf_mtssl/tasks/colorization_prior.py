@@ -36,17 +36,21 @@ from tf_mtssl.tasks import colorization
 log = logging.getLogger(__name__)
 
 PRIOR_FILENAME = "colorization_prior.npy"
+PHOTOS_PRIOR_FILENAME = "colorization_prior_photos.npy"  # of the `photos` source (images/ + photos/)
 PRIOR_SIGMA = 5.0  # paper_spec 3.2: the prior is smoothed with a Gaussian, sigma = 5
 
 
 def default_prior_path(data: str) -> Optional[pathlib.Path]:
   """Where the prior of source `data` lives by default: beside the data.
 
-  `embedded` -> `tf_mtssl.data.embedded.root()/colorization_prior.npy`; an image folder ->
+  `embedded` -> `tf_mtssl.data.embedded.root()/colorization_prior.npy`; `photos` ->
+  `root()/colorization_prior_photos.npy`; an image folder ->
   `<folder>/colorization_prior.npy`; other sources (tfds, TFRecords) -> None (pass a path).
   """
   if data == "embedded":
     return embedded.root() / PRIOR_FILENAME
+  if data == "photos":
+    return embedded.root() / PHOTOS_PRIOR_FILENAME
   if not data.startswith("tfds:") and os.path.isdir(data):
     return pathlib.Path(data) / PRIOR_FILENAME
   return None
@@ -173,6 +177,24 @@ def prepare_embedded_step(root: pathlib.Path) -> List:
   return [prepare_embedded.FileRecord(
       path, "tf_mtssl", __version__, f"computed from {images.name}/ by tf_mtssl.tasks.colorization_prior",
       "derived from the embedded images (see their licences)",
+      f"smoothed ab prior over 313 bins (sigma {PRIOR_SIGMA:g}): {stats['images']} colour images, "
+      f"{stats['gray_images']} gray skipped, {stats['pixels']} pixels")]
+
+
+def prepare_photos_step(root: pathlib.Path) -> List:
+  """`tf_mtssl.data.prepare_embedded` step: the prior of the `photos` source (images/ + photos/)."""
+  from tf_mtssl import __version__
+  from tf_mtssl.data import prepare_embedded
+  root = pathlib.Path(root)
+  parts = [compute_prior(str(root / d.relative_to(embedded.root())), num_images=0)
+           for d in (embedded.images_dir(), embedded.photos_dir())]
+  # Smoothing is linear and keeps mass, so the prior of the union is the pixel-weighted mean.
+  stats = {k: sum(s[k] for _, s in parts) for k in parts[0][1]}
+  prior = sum(p * s["pixels"] for p, s in parts) / stats["pixels"]
+  path = save_prior(root / PHOTOS_PRIOR_FILENAME, prior)
+  return [prepare_embedded.FileRecord(
+      path, "tf_mtssl", __version__, "computed from images/ and photos/ by tf_mtssl.tasks.colorization_prior",
+      "derived from the embedded images and photos (see their licences)",
       f"smoothed ab prior over 313 bins (sigma {PRIOR_SIGMA:g}): {stats['images']} colour images, "
       f"{stats['gray_images']} gray skipped, {stats['pixels']} pixels")]
 

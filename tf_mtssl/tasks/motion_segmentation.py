@@ -73,6 +73,8 @@ class MotionSegmentationTask(Task):
 
   def build_dataset(self, data, batch_size, *, seed=0, tfds_data_dir=None, input_context=None):
     del tfds_data_dir  # masks come from the generator's TFRecords
+    sources.require_colour_source(data, self.name, "motion segmentation needs motion masks made from "
+                                  "video (python -m tf_mtssl.make_motion_masks)")
     files = mask_shards(data)
     ds = tf.data.Dataset.from_tensor_slices(files)
     if input_context is not None and input_context.num_input_pipelines > 1:
