@@ -61,7 +61,8 @@ def test_contents_and_manifest(prepared, monkeypatch):
     assert 0.5 < finite.mean() < 1.0 and disparity[finite].min() > 0
 
   done = json.loads((root / "motion_masks" / motion_masks.DONE_FILE).read_text())
-  assert set(done["videos"]) == {"bikes", "carphone_pristine"} | ({"vtest", "tree"} if HAVE_APT else set())
+  assert set(done["videos"]) == {"bikes", "carphone_pristine"} | (
+      {"vtest", "tree", "kphotoalbum_movie"} if HAVE_APT else set())
   assert done["options"]["max_frames"] == prep.EMBEDDED_MASK_MAX_FRAMES
   shards = motion_masks.list_shards(str(embedded.motion_masks_dir()))
   assert {f"motion_masks/{pathlib.Path(s).name}" for s in shards} <= paths

@@ -7,6 +7,14 @@
 
 Prints top-1 / top-5 on the evaluation split, writes them to TensorBoard (--output_dir) and to
 --output_dir/result.json. See `tf_mtssl.evaluation.linear` for the protocol.
+
+The probe sets (`--data=fashion_mnist`, `--data=objects`, tf_mtssl.data.probe_sets), `--probes=knn` or
+a `--weight_decays` list run `tf_mtssl.evaluation.probes` instead: the linear probe once per weight
+decay, the one with the best --val_split top-1 kept, and/or the cosine kNN probe with k chosen on
+--val_split; every top-1 with its standard error, on --eval_split (default: test for probe sets):
+
+  python -m tf_mtssl.evaluate_linear --model_dir=runs/ex --data=fashion_mnist --probes=linear,knn \
+      --image_size=64 --crop_fraction=1
 """
 
 import dataclasses
@@ -18,7 +26,7 @@ from absl import app, flags
 
 from tf_mtssl import flag_utils
 from tf_mtssl.data import classification_set
-from tf_mtssl.evaluation import common, linear
+from tf_mtssl.evaluation import common, linear, probes
 
 FLAGS = flags.FLAGS
 
@@ -61,6 +69,14 @@ flags.DEFINE_list("lr_boundaries", ["1200", "1600"], "Steps after which the lear
 flags.DEFINE_float("lr_decay", 0.1, "Learning-rate factor at each boundary (paper_spec 7.1 [I]).")
 flags.DEFINE_float("momentum", 0.9, "SGD momentum (paper_spec 7.1 [I]).")
 flags.DEFINE_float("weight_decay", 0.0, "L2 weight on the classifier kernel [I].")
+flags.DEFINE_list("probes", ["linear"], f"Probes of {list(probes.PROBES)}: linear (weight decay chosen on "
+                  "--val_split when --weight_decays lists several) and knn (cosine, weighted vote).")
+flags.DEFINE_list("weight_decays", [], "Linear probe: weight decays to choose from on --val_split (e.g. "
+                  f"{','.join(str(w) for w in probes.WEIGHT_DECAYS)}); empty = --weight_decay alone.")
+flags.DEFINE_list("knn_ks", [str(k) for k in probes.KNN_KS], "kNN probe: k values to choose from on --val_split.")
+flags.DEFINE_float("knn_temperature", probes.KNN_TEMPERATURE, "kNN probe: vote weights exp(cos / T) (DINO: 0.07).")
+flags.DEFINE_string("val_split", "val", "Split the probes' hyper-parameters are chosen on (--probes=knn, "
+                    "--weight_decays, probe sets).")
 flags.DEFINE_integer("eval_every", 0, "Steps between evaluations (0: only at the end).")
 flags.DEFINE_integer("log_every", 100, "Steps between training-loss logs.")
 flags.DEFINE_integer("seed", 0, "Seed of random init, shuffling and augmentation.")
@@ -91,18 +107,46 @@ def main(argv):
   print(f"Linear evaluation (paper_spec 7.1): {trunk_info}; data {source.describe()['spec']} "
         f"({source.num_classes} classes), train split {FLAGS.train_split!r}, eval split {eval_split!r}; "
         f"{config}")
+  if source.kind == "probe_set" or FLAGS.probes != ["linear"] or FLAGS.weight_decays:
+    _run_probes(trunk, trunk_info, source, config, eval_split)
+    return
   result = linear.ProbeTrainer(trunk, source.num_classes, config).fit(
       source, FLAGS.train_split, eval_split, summary_dir=FLAGS.output_dir)
   result.update(trunk=trunk_info, data=source.describe(), train_split=FLAGS.train_split,
                 eval_split=eval_split, lasso=FLAGS.lasso, config=dataclasses.asdict(config),
                 flags=FLAGS.flag_values_dict())
+  result["top1_se"] = probes.proportion_se(result["top1"], result["num_eval"])
   path = os.path.join(FLAGS.output_dir, "result.json")
   common.write_json(path, result)
-  print(f"top1={result['top1']:.4f} top{result['top5_k']}={result['top5']:.4f} "
+  print(f"top1={result['top1']:.4f} (standard error {result['top1_se']:.4f}) top{result['top5_k']}={result['top5']:.4f} "
         f"({result['num_eval']} {eval_split} examples, {source.num_classes} classes, chance top1="
         f"{1.0 / source.num_classes:.4f})")
   print(f"Result:      {os.path.abspath(path)}")
   print(f"TensorBoard: tensorboard --logdir {os.path.abspath(FLAGS.output_dir)}")
+
+
+def _run_probes(trunk, trunk_info, source, config, eval_split):
+  try:
+    knn_ks = tuple(int(k) for k in FLAGS.knn_ks)
+    weight_decays = tuple(float(w) for w in FLAGS.weight_decays) or (FLAGS.weight_decay,)
+  except ValueError as e:
+    raise ValueError(f"--knn_ks takes integers and --weight_decays numbers: {e}") from e
+  protocol = probes.ProbeProtocol(probes=tuple(FLAGS.probes), weight_decays=weight_decays, knn_ks=knn_ks,
+                                  knn_temperature=FLAGS.knn_temperature, train_split=FLAGS.train_split,
+                                  val_split=FLAGS.val_split, test_split=eval_split)
+  result = probes.run_probes(trunk, source, config, protocol)
+  result.update(trunk=trunk_info, data=source.describe(), protocol=dataclasses.asdict(protocol),
+                config=dataclasses.asdict(config), flags=FLAGS.flag_values_dict())
+  path = os.path.join(FLAGS.output_dir, "result.json")
+  common.write_json(path, result)
+  chance = 1.0 / source.num_classes
+  for name in protocol.probes:
+    r = result[name]
+    chosen = f"weight decay {r['weight_decay']:g}" if name == "linear" else f"k={r['k']}"
+    print(f"{name}: top1={r['top1']:.4f} +- {r['se']:.4f} (standard error) on {result['num_test']} "
+          f"{eval_split} examples; {chosen} chosen on {FLAGS.val_split} (top1 {r['val_top1']:.4f}); "
+          f"chance {chance:.4f}")
+  print(f"Result:      {os.path.abspath(path)}")
 
 
 if __name__ == "__main__":

@@ -2,6 +2,8 @@
 
 Specs (`ClassificationSource(spec, ...)`):
   `embedded`             the tiny labelled set made from the embedded photos (below), splits train / val;
+  `fashion_mnist`, `objects`  the probe sets of `tf_mtssl.data.probe_sets` (splits train / val / test,
+                         reported on test; `groups(split)` names each example's source photo);
   `tfds:NAME`            a tensorflow-datasets classification set already prepared in `tfds_data_dir`
                          (e.g. `tfds:imagenet2012`; never downloaded), features `image` and `label`;
   a folder               ImageFolder layout `root/<split>/<label>/*.jpg`; class indices are the sorted
@@ -29,15 +31,17 @@ import os
 import re
 from typing import Dict, List, Optional, Tuple
 
+import numpy as np
 import tensorflow as tf
 
-from tf_mtssl.data import embedded, sources
+from tf_mtssl.data import embedded, probe_sets, sources
 from tf_mtssl.tasks.base import NUM_CORRUPT_KEY
 
 _AUTOTUNE = tf.data.AUTOTUNE
-KINDS = ("embedded", "tfds", "folder", "tfrecord")
+KINDS = ("embedded", "probe_set", "tfds", "folder", "tfrecord")
 # The evaluation split each kind uses when none is given.
-DEFAULT_EVAL_SPLIT = {"embedded": "val", "tfds": "validation", "folder": "val", "tfrecord": "validation"}
+DEFAULT_EVAL_SPLIT = {"embedded": "val", "probe_set": "test", "tfds": "validation", "folder": "val",
+                      "tfrecord": "validation"}
 
 # Embedded set (see the module docstring).
 EMBEDDED_SPLITS = ("train", "val")
@@ -51,6 +55,8 @@ SCENE_OF = {"leuvenA": "leuven", "leuvenB": "leuven", "graf1": "graf", "graf3": 
 def source_kind(spec: str) -> str:
   if spec == "embedded":
     return "embedded"
+  if spec in probe_sets.PROBE_SETS:
+    return "probe_set"
   if spec.startswith("tfds:"):
     return "tfds"
   if "{split}" in spec:
@@ -138,6 +144,8 @@ class ClassificationSource:
     if self.kind == "embedded":
       _, labels = embedded_photos()
       self.class_names = sorted(set(labels))
+    elif self.kind == "probe_set":
+      self.class_names = probe_sets.class_names(spec)
     elif self.kind == "tfds":
       label = self._tfds_builder().info.features["label"]
       self.class_names = list(label.names) if label.names else None
@@ -158,6 +166,13 @@ class ClassificationSource:
 
   def default_eval_split(self) -> str:
     return DEFAULT_EVAL_SPLIT[self.kind]
+
+  def groups(self, split: str) -> Optional[List[int]]:
+    """The source photo of every example of `split`, in dataset order (probe sets), else None: the
+    examples are then taken as independent for standard errors."""
+    if self.kind != "probe_set":
+      return None
+    return probe_sets.load_split(self.spec, split)[2].tolist()
 
   # ---- readers --------------------------------------------------------------------------------
   def _tfds_builder(self):
@@ -237,6 +252,10 @@ class ClassificationSource:
     """Finite, unshuffled dataset of one split (see the module docstring)."""
     if self.kind == "embedded":
       return self._embedded(split)
+    if self.kind == "probe_set":
+      images, labels, _ = probe_sets.load_split(self.spec, split)
+      return tf.data.Dataset.from_tensor_slices({
+          "image": images, "label": labels, NUM_CORRUPT_KEY: np.zeros(len(labels), np.int64)})
     if self.kind == "tfds":
       import tensorflow_datasets as tfds
       builder = self._tfds_builder()

@@ -178,7 +178,8 @@ def image_batches(source: classification_set.ClassificationSource, split: str, c
 def extract_features(trunk: keras.Model, batches: Iterable, grid: int,
                      per_unit: bool) -> Tuple[np.ndarray, np.ndarray, int]:
   """(pooled features [M, ...], labels [M], images skipped as unreadable) of one pass."""
-  fn = tf.function(lambda images: pooled_features(trunk, images, grid, per_unit), autograph=False)
+  fn = tf.function(lambda images: pooled_features(trunk, images, grid, per_unit), autograph=False,
+                   reduce_retracing=True)
   feats, labels, corrupt = [], [], 0
   for images, batch_labels, num_corrupt in batches:
     feats.append(fn(images).numpy())
@@ -252,6 +253,26 @@ class ProbeTrainer:
   @tf.function(autograph=False)
   def _pool(self, images):
     return pooled_features(self.trunk, images, self.config.grid, self.probe.per_unit)
+
+  # ---- on cached features (tf_mtssl.evaluation.probes) ----------------------------------------
+  def train_on_features(self, feats: np.ndarray, labels: np.ndarray) -> Dict[str, float]:
+    """`train_steps` SGD steps on cached pooled features; returns the last step's loss terms."""
+    sampler = _EpochSampler(len(labels), self.config.seed)
+    out = {}
+    for _ in range(self.config.train_steps):
+      idx = sampler.next(self.config.batch_size)
+      out = self.train_step_pooled(feats[idx], labels[idx])
+    return {k: float(v) for k, v in out.items()}
+
+  def predict(self, feats: np.ndarray) -> np.ndarray:
+    """Predicted class of every row of cached pooled features (int [M])."""
+    bs = self.config.eval_batch_size
+    return np.concatenate([np.argmax(self._logits_eval(feats[i:i + bs]).numpy(), axis=-1)
+                           for i in range(0, len(feats), bs)])
+
+  @tf.function(autograph=False, reduce_retracing=True)
+  def _logits_eval(self, pooled):
+    return self.probe.logits(pooled, training=False)
 
   # ---- evaluation -----------------------------------------------------------------------------
   def evaluate(self, eval_data) -> Dict[str, float]:
