@@ -125,12 +125,18 @@ def git_commit(repo: Optional[str] = None) -> str:
   return head + ("+dirty" if dirty else "")
 
 
+def train_fields(study: StudyConfig, combo: Combination) -> Dict:
+  """The TrainConfig fields of a run of `combo`: per-task batch sizes of its own tasks only."""
+  sizes = study.train.get("task_batch_sizes") or {}
+  return {**study.train, "task_batch_sizes": {t: b for t, b in sizes.items() if t in combo.tasks}}
+
+
 def run_spec(study: StudyConfig, name: str, seed: int) -> Dict:
   """What defines one pretraining run (hashed into its key)."""
   combo = COMBINATIONS[name]
   return {"combination": dataclasses.asdict(combo), "seed": seed, "trunk": study.trunk,
           "image_size": study.image_size, "data": {t: study.task_data.get(t, study.data) for t in combo.tasks},
-          "task_options": {t: study.task_options.get(t, {}) for t in combo.tasks}, "train": study.train,
+          "task_options": {t: study.task_options.get(t, {}) for t in combo.tasks}, "train": train_fields(study, combo),
           "train_steps": study.train_steps, "eval_points": study.eval_points,
           "lasso_l1": study.lasso_l1 if combo.lasso else None}
 
@@ -151,7 +157,7 @@ def pretrain(study: StudyConfig, name: str, seed: int, model_dir: str, commit: s
   """Trains (or resumes) one cell's run to `train_steps`, a checkpoint at every evaluation step."""
   combo = COMBINATIONS[name]
   config = train.TrainConfig(
-      **study.train, train_steps=study.train_steps, seed=seed,
+      **train_fields(study, combo), train_steps=study.train_steps, seed=seed,
       checkpoint_every=study.train_steps // study.eval_points, keep_checkpoints=study.eval_points + 1,
       image_summary_every=0, progress_bar=False)
   trainer = train.Trainer(model_dir, _make_tasks(study, combo), study.trunk, config,
