@@ -12,7 +12,8 @@ from tests import helpers
 from tf_mtssl import tasks as task_registry
 
 FLAGFILES = sorted(glob.glob(str(helpers.REPO_ROOT / "flags" / "*.cfg")))
-PRETRAIN_FLAGFILES = [f for f in FLAGFILES if not os.path.basename(f).startswith(("detection", "linear", "depth"))]
+PRETRAIN_FLAGFILES = [f for f in FLAGFILES
+                      if not os.path.basename(f).startswith(("detection", "linear", "depth", "study"))]
 PAPER_CONFIGS = ["rp", "rp_h", "col", "ex", "ms", "rp_col", "rp_col_h", "rp_ex", "rp_ms", "rp_col_ex",
                  "rp_col_ex_ms", "rp_col_ex_ms_lasso_pretrain", "rp_col_ex_ms_lasso_eval",
                  "rp_col_ex_ms_lasso_both"]

@@ -106,3 +106,18 @@ def test_quick_binary_writes_every_output_and_resumes(tmp_path):
   run = subprocess.run(cmd, capture_output=True, text=True, timeout=400, cwd=helpers.REPO_ROOT, env=env)
   assert run.returncode == 0 and _files(work) == before
   assert run.stderr.count("done before") == 4
+
+
+@pytest.mark.parametrize("name", ["study_fashion_mnist", "study_photos"])
+def test_study_flagfiles_parse_into_valid_grids(name):
+  from absl import flags
+  from tf_mtssl import study
+  flags.FLAGS.unparse_flags()
+  flags.FLAGS(["study", f"--flagfile={helpers.REPO_ROOT / 'flags' / (name + '.cfg')}"])
+  config = study.study_config_from_flags()
+  flags.FLAGS.unparse_flags()
+  assert len(config.seeds) >= 3 and config.eval_points >= 3 and config.combinations[0] == "random"
+  expected = {"study_fashion_mnist": {"random", "rp", "ex", "rp_ex"},
+              "study_photos": {"random", "rp", "col", "ex", "ms", "rp_col", "all", "all_lasso", "rp_col_h"}}[name]
+  assert set(config.combinations) == expected
+  assert config.depth is not None if name == "study_photos" else config.depth is None

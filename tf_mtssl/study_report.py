@@ -15,6 +15,7 @@ import io
 import json
 import math
 import os
+import textwrap
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -254,7 +255,8 @@ def plot_lasso_alpha(path: str, records: List[Dict], title: str) -> bool:
   for (i, j), v in np.ndenumerate(alpha):
     ax.text(j, i, f"{v:.2f}", ha="center", va="center", color="w" if v < alpha.max() / 2 else "k", fontsize=8)
   fig.colorbar(im, ax=ax, label="|alpha| (unit L2 norm per task)")
-  ax.set_title(f"{title}\nlasso alpha at step {last}, mean |alpha| over {len(final)} seeds", fontsize=9)
+  ax.set_title(textwrap.fill(f"{title}; lasso alpha at step {last}, mean |alpha| over {len(final)} seeds", 60),
+               fontsize=8)
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)
