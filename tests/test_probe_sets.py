@@ -179,3 +179,22 @@ def test_binary_runs_both_probes_on_a_probe_set(tmp_path):
   result = json.loads((tmp_path / "result.json").read_text())
   assert result["splits"]["test"] == "test" and result["num_test"] > 200
   assert "linear: top1=" in run.stdout and "(standard error)" in run.stdout and "knn: top1=" in run.stdout
+
+
+def test_batchnorm_reestimation_sets_the_moving_statistics_to_the_probe_images():
+  import keras
+  import tensorflow as tf
+  from tf_mtssl import preprocessing
+  from tf_mtssl import trunk as trunk_lib
+  trunk = trunk_lib.build_trunk(**helpers.TINY_TRUNK)
+  images, _, _ = probe_sets.load_split("objects", "train")
+  batches = [tf.constant(images[i:i + 64], tf.float32) for i in range(0, 256, 64)]
+  assert probes.reestimate_batchnorm(trunk, batches) == 256
+  first = next(l for l in trunk.layers if isinstance(l, keras.layers.BatchNormalization))
+  x = preprocessing.rgb_to_trunk_input(tf.concat(batches, 0))
+  # The first BN layer reads the root convolution's output: its moving mean is now that output's mean
+  # over the 256 images (the batches' means, averaged with equal weights).
+  conv_in = keras.Model(trunk.input, first.input)(x, training=True)
+  np.testing.assert_allclose(first.moving_mean.numpy(), tf.reduce_mean(conv_in, axis=[0, 1, 2]).numpy(),
+                             rtol=1e-3, atol=1e-3 * float(tf.reduce_max(tf.abs(conv_in))))
+  assert first.momentum == trunk_lib.BN_MOMENTUM  # restored

@@ -77,6 +77,8 @@ flags.DEFINE_list("knn_ks", [str(k) for k in probes.KNN_KS], "kNN probe: k value
 flags.DEFINE_float("knn_temperature", probes.KNN_TEMPERATURE, "kNN probe: vote weights exp(cos / T) (DINO: 0.07).")
 flags.DEFINE_string("val_split", "val", "Split the probes' hyper-parameters are chosen on (--probes=knn, "
                     "--weight_decays, probe sets).")
+flags.DEFINE_boolean("reestimate_bn", False, "Diagnostic (probes path): re-estimate the trunk's batch-norm "
+                     "moving statistics on up to 2048 --train_split images before probing.")
 flags.DEFINE_integer("eval_every", 0, "Steps between evaluations (0: only at the end).")
 flags.DEFINE_integer("log_every", 100, "Steps between training-loss logs.")
 flags.DEFINE_integer("seed", 0, "Seed of random init, shuffling and augmentation.")
@@ -107,7 +109,7 @@ def main(argv):
   print(f"Linear evaluation (paper_spec 7.1): {trunk_info}; data {source.describe()['spec']} "
         f"({source.num_classes} classes), train split {FLAGS.train_split!r}, eval split {eval_split!r}; "
         f"{config}")
-  if source.kind == "probe_set" or FLAGS.probes != ["linear"] or FLAGS.weight_decays:
+  if source.kind == "probe_set" or FLAGS.probes != ["linear"] or FLAGS.weight_decays or FLAGS.reestimate_bn:
     _run_probes(trunk, trunk_info, source, config, eval_split)
     return
   result = linear.ProbeTrainer(trunk, source.num_classes, config).fit(
@@ -133,7 +135,8 @@ def _run_probes(trunk, trunk_info, source, config, eval_split):
     raise ValueError(f"--knn_ks takes integers and --weight_decays numbers: {e}") from e
   protocol = probes.ProbeProtocol(probes=tuple(FLAGS.probes), weight_decays=weight_decays, knn_ks=knn_ks,
                                   knn_temperature=FLAGS.knn_temperature, train_split=FLAGS.train_split,
-                                  val_split=FLAGS.val_split, test_split=eval_split)
+                                  val_split=FLAGS.val_split, test_split=eval_split,
+                                  reestimate_bn=FLAGS.reestimate_bn)
   result = probes.run_probes(trunk, source, config, protocol)
   result.update(trunk=trunk_info, data=source.describe(), protocol=dataclasses.asdict(protocol),
                 config=dataclasses.asdict(config), flags=FLAGS.flag_values_dict())

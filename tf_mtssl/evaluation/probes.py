@@ -44,6 +44,9 @@ class ProbeProtocol:
   train_split: str = "train"
   val_split: str = "val"
   test_split: str = "test"
+  # Diagnostic, off in the study's protocol: batch-norm moving statistics re-estimated on (up to
+  # BN_IMAGES) probe training images first (`reestimate_batchnorm`).
+  reestimate_bn: bool = False
 
   def __post_init__(self):
     unknown = sorted(set(self.probes) - set(PROBES))
@@ -129,6 +132,33 @@ def _choose(scores: Dict, prefer_larger: bool = True):
   return max(keys) if prefer_larger else min(keys)
 
 
+BN_IMAGES = 2048
+
+
+def reestimate_batchnorm(trunk: keras.Model, batches) -> int:
+  """Sets every batch-norm layer's moving mean and variance to the average of its batch statistics
+  over `batches` (RGB float [B, S, S, 3] in 0-255), in training mode, the layers' momentum set so that
+  batch i gets weight 1/(i+1). Returns the number of images used.
+
+  A trunk pretrained on one task's inputs (e.g. rp's colour-dropped, RMS-normalised patches) keeps
+  statistics of those inputs; this shows how much of a probe's result is that mismatch.
+  """
+  from tf_mtssl import preprocessing  # pylint: disable=g-import-not-at-top
+  layers = [l for l in trunk.layers if isinstance(l, keras.layers.BatchNormalization)]  # the trunk is flat
+  saved = [l.momentum for l in layers]
+  count = 0
+  try:
+    for i, images in enumerate(batches):
+      for l in layers:
+        l.momentum = i / (i + 1.0)
+      trunk(preprocessing.rgb_to_trunk_input(images), training=True)
+      count += int(images.shape[0])
+  finally:
+    for l, m in zip(layers, saved):
+      l.momentum = m
+  return count
+
+
 def extract_split(trunk: keras.Model, source: classification_set.ClassificationSource, split: str,
                   config: linear.ProbeConfig) -> Tuple[np.ndarray, np.ndarray]:
   """(pooled grid features [N, g, g, C], labels [N]) of one split, centre crops, in split order."""
@@ -150,11 +180,16 @@ def run_probes(trunk: keras.Model, source: classification_set.ClassificationSour
     raise ValueError("run_probes reads cached block-3 features: no eval lasso, no augmentation")
   start = time.time()
   splits = {role: getattr(protocol, f"{role}_split") for role in ("train", "val", "test")}
+  bn_images = 0
+  if protocol.reestimate_bn:
+    batches = linear.image_batches(source, splits["train"], config, False, 256).take(BN_IMAGES // 256)
+    bn_images = reestimate_batchnorm(trunk, (images for images, _, _ in batches))
   data = {role: extract_split(trunk, source, split, config) for role, split in splits.items()}
   test_groups = source.groups(splits["test"])
   val_groups = source.groups(splits["val"])
   result = {f"num_{role}": int(len(d[1])) for role, d in data.items()}
   result["splits"] = splits
+  result["bn_reestimated_on"] = bn_images
   (train_x, train_y), (val_x, val_y), (test_x, test_y) = data["train"], data["val"], data["test"]
   num_classes = source.num_classes
 
