@@ -64,6 +64,7 @@ flags.DEFINE_integer("depth_batch_size", 8, "Depth fine-tuning batch.")
 flags.DEFINE_float("depth_learning_rate", 0.01, "Depth fine-tuning learning rate (SGD momentum 0.9).")
 flags.DEFINE_string("output_dir", "results/study", "Where results.md/csv/json and the plots are written.")
 flags.DEFINE_string("work_dir", "runs/study", "Pretraining runs and per-cell evaluations (the resume state).")
+flags.DEFINE_boolean("report_only", False, "Write the results of the finished cells; run nothing.")
 flags.DEFINE_boolean("quick", False, "Tiny everything (tests; about a minute): see the module docstring.")
 flag_utils.define_trunk_flags()
 flag_utils.define_lasso_flags()
@@ -124,11 +125,13 @@ def study_config_from_flags() -> study_grid.StudyConfig:
 
 
 def write_results(study, records, output_dir: str, command: str, started: float, final: bool,
-                  work_dir: str) -> None:
+                  work_dir: str, plots: bool = False) -> None:
+  """results.md/csv/json (and, with `plots`, the PNGs) of the records so far; `final`: every cell done."""
   commits = sorted({r["commit"] for r in records})
   header = (f"# {study.name}: pretraining study\n\nMade by `{command}`\n\nCode commit of this report: "
             f"{study_grid.git_commit()}; cells evaluated at commit(s): {', '.join(commits) or '—'}. "
-            f"{len(records)} evaluations" + ("" if final else " so far (study still running)") + ".")
+            f"{len(records)} evaluations" + ("" if final else " so far: the grid is not finished (the same command "
+                                             "resumes it)") + ".")
   p = study.probe
   setup = (f"Setup: {study_grid.trunk_description(study)}; pretraining data `{study.data}`"
            f"{' (' + ', '.join(f'{k}={v}' for k, v in study.task_data.items()) + ')' if study.task_data else ''}, "
@@ -152,17 +155,28 @@ def write_results(study, records, output_dir: str, command: str, started: float,
   study_report.write_json(os.path.join(output_dir, "results.json"), records, {
       "command": command, "commit": study_grid.git_commit(), "study": dataclasses.asdict(study),
       "complete": final, "wall_seconds": time.time() - started})
-  if final:
+  if plots:
     title = f"{study.name}: {study_grid.trunk_description(study)}"
     study_report.plot_accuracy_vs_steps(os.path.join(output_dir, "accuracy_vs_steps.png"), records, order,
                                         labels, title)
-    study_report.plot_lasso_alpha(os.path.join(output_dir, "lasso_alpha.png"), records, title)
     curves = study_grid.training_curves(work_dir, records)
-    study_report.plot_training_curves(os.path.join(output_dir, "trunk_update_norms.png"), records, curves, order,
-                                      labels, "/trunk_update_norm", "trunk update norm",
-                                      title + "\nper-task trunk update norm (trainer summary)")
-    study_report.plot_training_curves(os.path.join(output_dir, "pretext_metrics.png"), records, curves, order,
-                                      labels, "accuracy", "pretext accuracy", title + "\npretext accuracy")
+    made = {
+        "accuracy_vs_steps.png": True,
+        "lasso_alpha.png": study_report.plot_lasso_alpha(os.path.join(output_dir, "lasso_alpha.png"), records,
+                                                         title),
+        "trunk_update_norms.png": study_report.plot_training_curves(
+            os.path.join(output_dir, "trunk_update_norms.png"), records, curves, order, labels,
+            "/trunk_update_norm", "trunk update norm", title + "\nper-task trunk update norm (trainer summary)"),
+        "pretext_metrics.png": study_report.plot_training_curves(
+            os.path.join(output_dir, "pretext_metrics.png"), records, curves, order, labels, "accuracy",
+            "pretext accuracy", title + "\npretext accuracy"),
+    }
+    why = {"lasso_alpha.png": "no configuration with the lasso in this grid",
+           "trunk_update_norms.png": "the trainer of these runs logs no `<task>/trunk_update_norm` summary",
+           "pretext_metrics.png": "no pretraining run"}
+    lines = [f"- `{name}`" if ok else f"- `{name}`: not made ({why[name]})" for name, ok in made.items()]
+    with open(os.path.join(output_dir, "results.md"), "a") as f:
+      f.write("\n## Plots\n\n" + "\n".join(lines) + "\n")
 
 
 def main(argv):
@@ -177,9 +191,11 @@ def main(argv):
   print(f"Study {study.name}: {len(study.combinations)} configurations x {len(study.seeds)} seeds, "
         f"{study_grid.trunk_description(study)}; work dir {os.path.abspath(FLAGS.work_dir)}")
   records = study_grid.run_study(
-      study, FLAGS.work_dir,
+      study, FLAGS.work_dir, report_only=FLAGS.report_only,
       on_record=lambda recs: write_results(study, recs, FLAGS.output_dir, command, started, False, FLAGS.work_dir))
-  write_results(study, records, FLAGS.output_dir, command, started, True, FLAGS.work_dir)
+  expected = sum(1 if not study_grid.COMBINATIONS[c].tasks else study.eval_points for c in study.combinations)
+  write_results(study, records, FLAGS.output_dir, command, started, len(records) == expected * len(study.seeds),
+                FLAGS.work_dir, plots=bool(records))
   print(f"Results: {os.path.abspath(os.path.join(FLAGS.output_dir, 'results.md'))} "
         f"({len(records)} evaluations, {time.time() - started:.0f} s)")
 

@@ -244,11 +244,12 @@ def _record(study, name, seed, step, run_key, key, evaluation, commit, seconds, 
 
 
 def run_study(study: StudyConfig, work_dir: str, on_record: Optional[Callable[[List[Dict]], None]] = None,
-              commit: Optional[str] = None) -> List[Dict]:
+              commit: Optional[str] = None, report_only: bool = False) -> List[Dict]:
   """Runs every missing cell of `study` under `work_dir`; returns one record per (cell, step).
 
   `on_record(records)` is called after every finished evaluation (the binary rewrites its results then,
-  so a killed study leaves its finished cells reported).
+  so a killed study leaves its finished cells reported). `report_only`: read the finished cells back,
+  run nothing.
   """
   work = pathlib.Path(work_dir)
   (work / "evals").mkdir(parents=True, exist_ok=True)
@@ -267,6 +268,9 @@ def run_study(study: StudyConfig, work_dir: str, on_record: Optional[Callable[[L
         if path.exists():
           records.append(json.loads(path.read_text()))
           log.info("[%s seed %d step %d] done before (%s): read back", name, seed, step, path.name)
+          continue
+        if report_only:
+          log.info("[%s seed %d step %d] not run yet (--report_only)", name, seed, step)
           continue
         start = time.time()
         keras.utils.clear_session()
