@@ -121,3 +121,15 @@ def test_study_flagfiles_parse_into_valid_grids(name):
               "study_photos": {"random", "rp", "col", "ex", "ms", "rp_col", "all", "all_lasso", "rp_col_h"}}[name]
   assert set(config.combinations) == expected
   assert config.depth is not None if name == "study_photos" else config.depth is None
+
+
+def test_weight_change_is_measured_from_the_seeds_exact_initialisation(tmp_path):
+  train = {"batch_size": 4, "learning_rate": 1e-10, "warmup_steps": 1, "log_every": 1, "grad_cosine_every": 0,
+           "weight_decay": 0.0}
+  study = _tiny(combinations=("random", "rp"), train=train, train_steps=2, eval_points=1)
+  key = study_grid.config_key(study_grid.run_spec(study, "rp", 0))
+  study_grid.pretrain(study, "rp", 0, str(tmp_path / "runs" / f"rp-s0-{key}"), "test")
+  record = {"config": "rp", "seed": 0, "step": 2, "run_key": key}
+  assert study_grid.weight_change(study, str(tmp_path), record) < 1e-6  # lr 1e-10: still the init
+  assert study_grid.weight_change(study, str(tmp_path), {**record, "seed": 1}) is None  # no such run
+  assert study_grid.weight_change(study, str(tmp_path), {**record, "step": 0}) is None

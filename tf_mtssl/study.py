@@ -149,8 +149,11 @@ def write_results(study, records, output_dir: str, command: str, started: float,
   order = list(study.combinations)
   labels = {c: study_grid.COMBINATIONS[c].label for c in order}
   os.makedirs(output_dir, exist_ok=True)
+  changes = None
+  if plots:  # restores every checkpoint once: only for the final report
+    changes = {(r["config"], r["seed"], r["step"]): study_grid.weight_change(study, work_dir, r) for r in records}
   study_report.write_text(os.path.join(output_dir, "results.md"),
-                           study_report.markdown(records, order, labels, header, setup))
+                          study_report.markdown(records, order, labels, header, setup, changes))
   study_report.write_csv(os.path.join(output_dir, "results.csv"), records, header.replace("\n\n", "\n"))
   study_report.write_json(os.path.join(output_dir, "results.json"), records, {
       "command": command, "commit": study_grid.git_commit(), "study": dataclasses.asdict(study),

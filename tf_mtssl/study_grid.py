@@ -319,6 +319,26 @@ def training_curves(work_dir: str, records: List[Dict]) -> Dict[str, Dict[str, L
   return out
 
 
+def weight_change(study: StudyConfig, work_dir: str, record: Dict) -> Optional[float]:
+  """||W - W0|| / ||W0|| over the trunk's conv kernels of a pretrained record's checkpoint, W0 the
+  random initialisation of its seed (the Trainer seeds Keras and builds the trunk first, as
+  `common.load_trunk("random", seed=...)` does, so W0 is rebuilt exactly). None for random init or a
+  missing run."""
+  if record["step"] == 0:
+    return None
+  run_dir = pathlib.Path(work_dir) / "runs" / f"{record['config']}-s{record['seed']}-{record['run_key']}"
+  if not (run_dir / f"ckpt-{record['step']}.index").exists():
+    return None
+  trained = checkpoints.restore_trunk(str(run_dir), str(run_dir / f"ckpt-{record['step']}"))
+  init, _ = common.load_trunk("random", trunk_config=study.trunk, seed=record["seed"])
+  num, den = 0.0, 0.0
+  for a, b in zip(trained.weights, init.weights):
+    if "kernel" in a.path:
+      num += float(np.sum((a.numpy() - b.numpy()) ** 2))
+      den += float(np.sum(b.numpy() ** 2))
+  return float(np.sqrt(num / den)) if den > 0 else None
+
+
 def trunk_description(study: StudyConfig) -> str:
   return (f"ResNet-v2 depth {study.trunk['depth']}, base width {study.trunk['base_width']}, output stride "
           f"{study.trunk['output_stride']} ({trunk_lib.num_block3_units(study.trunk['depth'])} block-3 units), "

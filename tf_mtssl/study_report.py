@@ -109,7 +109,7 @@ def _z_cell(c: Optional[Dict]) -> str:
 
 
 def markdown(records: List[Dict], order: Sequence[str], labels: Dict[str, str], header: str,
-             setup: str) -> str:
+             setup: str, weight_changes: Optional[Dict[Tuple[str, int, int], float]] = None) -> str:
   agg, last = aggregate(records), final_steps(records)
   metrics = [(m, title) for m, _, title in METRICS if any(m in r for r in records)]
   out = io.StringIO()
@@ -144,6 +144,17 @@ def markdown(records: List[Dict], order: Sequence[str], labels: Dict[str, str], 
   if pretext:
     out.write("\n## Pretext metrics at the end of pretraining (last logged value, mean over seeds)\n\n")
     out.write(pretext)
+  if weight_changes:
+    out.write("\n## How far pretraining moved the trunk: ||W - W0|| / ||W0|| over its conv kernels "
+              "(W0 = the seed's random init; mean over seeds)\n\n| Pre-training | "
+              + " | ".join(f"step {s}" for s in steps) + " |\n|---|" + "---|" * len(steps) + "\n")
+    for c in order:
+      cells = []
+      for s in steps:
+        values = [v for (cc, _, ss), v in weight_changes.items() if cc == c and ss == s and v is not None]
+        cells.append(f"{np.mean(values):.2f}" if values else "—")
+      if any(x != "—" for x in cells):
+        out.write(f"| {labels[c]} | " + " | ".join(cells) + " |\n")
   out.write("\n## Hyper-parameters chosen on the validation split (per run)\n\n")
   out.write("| Pre-training | seed | step | linear weight decay | linear train / val / test top-1 | kNN k |\n")
   out.write("|---|---|---|---|---|---|\n")
