@@ -38,12 +38,14 @@ flags.DEFINE_integer("batch_size", 32, "Global batch per task.")
 flags.DEFINE_multi_string("task_batch_size", [], "Per-task batch override TASK=N; repeatable.")
 flags.DEFINE_integer("train_steps", 1200, "Pretraining steps of every run.")
 flags.DEFINE_integer("eval_points", 3, "Evaluated checkpoints, evenly spaced (the last at --train_steps).")
-flags.DEFINE_float("learning_rate", 0.01, "Peak RMSProp learning rate.")
+flags.DEFINE_float("learning_rate", 1e-4, "Peak RMSProp learning rate (issue 14's flagfiles: 1e-4).")
 flags.DEFINE_integer("warmup_steps", 100, "Linear learning-rate warm-up steps.")
 flags.DEFINE_float("rmsprop_rho", 0.9, "RMSProp decay.")
 flags.DEFINE_float("rmsprop_momentum", 0.9, "RMSProp momentum.")
-flags.DEFINE_float("rmsprop_epsilon", 1.0, "RMSProp epsilon.")
+flags.DEFINE_float("rmsprop_epsilon", 1e-6, "RMSProp epsilon, outside the root (tf_mtssl/optimizer.py).")
 flags.DEFINE_float("weight_decay", 1e-4, "Decoupled weight decay on kernels (pretraining).")
+flags.DEFINE_enum("trunk_update", "sum", ["sum", "mean"], "How the per-task RMSProp updates combine on the "
+                  "shared trunk (tf_mtssl/optimizer.py).")
 flags.DEFINE_integer("log_every", 20, "Steps between pretraining scalar summaries.")
 flags.DEFINE_integer("grad_cosine_every", 100, "Steps between task-gradient cosine summaries (0: never).")
 flags.DEFINE_string("probe_data", "fashion_mnist", "Probe set (tf_mtssl.data.probe_sets): fashion_mnist or objects.")
@@ -101,6 +103,7 @@ def study_config_from_flags() -> study_grid.StudyConfig:
       task_batch_sizes=flag_utils.parse_task_assignments(f.task_batch_size, "task_batch_size", int),
       learning_rate=f.learning_rate, warmup_steps=f.warmup_steps, rmsprop_rho=f.rmsprop_rho,
       rmsprop_momentum=f.rmsprop_momentum, rmsprop_epsilon=f.rmsprop_epsilon, weight_decay=f.weight_decay,
+      trunk_update=f.trunk_update,
       log_every=f.log_every, grad_cosine_every=f.grad_cosine_every)
   train.TrainConfig(**train_fields)  # validated here, with a clear error, before any work
   depth = None
@@ -137,7 +140,8 @@ def write_results(study, records, output_dir: str, command: str, started: float,
            f"{' (' + ', '.join(f'{k}={v}' for k, v in study.task_data.items()) + ')' if study.task_data else ''}, "
            f"{study.train_steps} steps per run (batch {study.train['batch_size']}, per task "
            f"{study.train['task_batch_sizes'] or 'the same'}), RMSProp lr {study.train['learning_rate']}, epsilon "
-           f"{study.train['rmsprop_epsilon']}, weight decay {study.train['weight_decay']}; evaluated at steps "
+           f"{study.train['rmsprop_epsilon']}, trunk update {study.train['trunk_update']}, weight decay "
+           f"{study.train['weight_decay']}; evaluated at steps "
            f"{study.eval_steps}; seeds {list(study.seeds)}. Probes on `{study.probe_data}` at {p['image_size']} px: "
            f"linear probe on block 3 pooled 3x3 ({p['train_steps']} SGD steps), weight decay chosen on the "
            f"validation split among {list(study.protocol['weight_decays'])}; cosine kNN (weighted, T 0.07) on "
