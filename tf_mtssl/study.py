@@ -178,7 +178,7 @@ def write_results(study, records, output_dir: str, command: str, started: float,
             os.path.join(output_dir, "pretext_metrics.png"), records, curves, order, labels, "accuracy",
             "pretext accuracy", title + "\npretext accuracy"),
     }
-    why = {"lasso_alpha.png": "no configuration with the lasso in this grid",
+    why = {"lasso_alpha.png": "no finished cell of a configuration with the lasso",
            "trunk_update_norms.png": "the trainer of these runs logs no `<task>/trunk_update_norm` summary",
            "pretext_metrics.png": "no pretraining run"}
     lines = [f"- `{name}`" if ok else f"- `{name}`: not made ({why[name]})" for name, ok in made.items()]

@@ -105,6 +105,8 @@ def _z_cell(c: Optional[Dict]) -> str:
   if not c:
     return "—"
   versus = f", vs {c['versus']}" if "versus" in c else ""
+  if not c["se"] > 0:  # one run of a metric without a standard error of its own (depth)
+    return f"{100 * c['diff']:+.1f} (no standard error{versus})"
   return f"{100 * c['diff']:+.1f} ± {100 * c['se']:.1f} (z = {c['z']:+.1f}{versus})"
 
 
