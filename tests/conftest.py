@@ -16,6 +16,7 @@ ONE_WORKER_MODULES = ("test_combination.py", "test_export.py", "test_import_chec
                       "test_mixed_precision.py", "test_serving.py")
 
 
+@pytest.hookimpl(optionalhook=True)  # xdist's hook: pytest without xdist must not reject it
 def pytest_xdist_make_scheduler(config, log):
   """`--dist loadscope`: every test is its own work unit, except those of ONE_WORKER_MODULES (one unit
   per module). Units of several tests go first (xdist orders units by size), then the rest in collection
