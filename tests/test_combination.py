@@ -135,8 +135,11 @@ def test_four_task_lasso_run_writes_alpha_images_and_gradient_cosines(four_task_
   for tag in cosines:
     assert [step for step, _ in scalars[tag]] == [2, 4], scalars[tag]
     assert all(-1.0 <= value <= 1.0 and value != 0.0 for _, value in scalars[tag]), scalars[tag]
+  from tf_mtssl.tasks import base
   for name in names:
     assert {f"{name}/loss", f"{name}/trunk_update_norm", f"{name}/trunk_gradient_norm"} <= tags
+    if task_registry.task_class(name).summary_images is not base.Task.summary_images:  # it draws images
+      assert any(tag.startswith(f"{name}/") for tag in images), (name, images)
   from tf_mtssl.runs import checkpoints
   lasso = checkpoints.restore_lasso(str(run))
   assert lasso.rows == names

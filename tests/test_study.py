@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -33,7 +34,7 @@ def _files(work):
 
 
 @pytest.mark.slow
-def test_killed_study_resumes_without_redoing_cells_and_changed_configs_get_new_cells(tmp_path):
+def test_killed_study_resumes_without_redoing_cells_and_changed_configs_get_new_cells(tmp_path, caplog):
   study, work = _tiny(), tmp_path / "work"
 
   class Killed(Exception):
@@ -53,8 +54,11 @@ def test_killed_study_resumes_without_redoing_cells_and_changed_configs_get_new_
   assert all(after[p] == t for p, t in first.items())  # finished cells were read back, not redone
   ckpt = next((work / "runs").glob("rp-s0-*")) / "ckpt-4.index"
   ckpt_time = os.stat(ckpt).st_mtime_ns
-  again = study_grid.run_study(study, str(work))
+  caplog.clear()
+  with caplog.at_level(logging.INFO, logger=study_grid.__name__):
+    again = study_grid.run_study(study, str(work))
   assert _files(work) == after and [r["eval_key"] for r in again] == [r["eval_key"] for r in records]
+  assert caplog.text.count("done before") == len(records)  # each cell says it was read back
   # Another probe protocol: the evaluations are new cells, the pretraining runs are reused untouched.
   changed = dataclasses.replace(study, protocol={"weight_decays": (0.0,), "knn_ks": (1, 5)})
   new = study_grid.run_study(changed, str(work))
@@ -90,7 +94,8 @@ def test_statistics_of_the_report():
 
 
 @pytest.mark.slow
-def test_quick_binary_writes_every_output_and_resumes(tmp_path):
+def test_quick_binary_writes_every_output(tmp_path):
+  # One run of the binary (a second one only re-reads cells: resuming is run_study's, tested above).
   out, work = tmp_path / "out", tmp_path / "work"
   cmd = [sys.executable, "-m", "tf_mtssl.study", "--flagfile=flags/study_fashion_mnist.cfg", "--quick",
          "--configs=random,rp_ex", "--seeds=0", f"--output_dir={out}", f"--work_dir={work}"]
@@ -105,10 +110,7 @@ def test_quick_binary_writes_every_output_and_resumes(tmp_path):
   body = json.loads((out / "results.json").read_text())
   assert body["complete"] and len(body["records"]) == 4 and body["commit"]
   assert (out / "results.csv").read_text().startswith("# ")
-  before = _files(work)
-  run = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=helpers.REPO_ROOT, env=env)
-  assert run.returncode == 0 and _files(work) == before
-  assert run.stderr.count("done before") == 4
+  assert len(_files(work)) == 4  # one evaluation file per record: what a resumed run reads back
 
 
 @pytest.mark.parametrize("name", ["study_fashion_mnist", "study_photos"])

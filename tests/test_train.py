@@ -14,9 +14,11 @@ MULTI_TASKS = task_registry.registered_tasks()
 
 
 def make_trainer(model_dir, data, tasks=("rp",), **overrides):
+  """A tiny Trainer. No image summaries unless asked for: they are a forward pass of every task after
+  training (a third of a short run's time), and the four-task run of test_combination checks them."""
   config = train.TrainConfig(**{**dict(train_steps=4, batch_size=2, learning_rate=1e-3, warmup_steps=1,
                                        log_every=2, checkpoint_every=2,
-                                       image_summary_every=4, grad_cosine_every=2, progress_bar=False),
+                                       image_summary_every=0, grad_cosine_every=2, progress_bar=False),
                                 **overrides})
   task_objs = {n: helpers.tiny_task(n) for n in tasks}
   sources = {n: "embedded" if n == "ms" else data for n in tasks}  # ms reads motion-mask records
@@ -25,7 +27,12 @@ def make_trainer(model_dir, data, tasks=("rp",), **overrides):
 
 @pytest.fixture(scope="module")
 def photos(tmp_path_factory):
-  return helpers.write_photos(tmp_path_factory.mktemp("photos"), size=96)
+  """Photos with their colorization prior beside them (computed once here, not by every col trainer;
+  the computed-at-start-up path is tested in test_colorization)."""
+  from tf_mtssl.tasks.colorization import prior as col_prior
+  folder = helpers.write_photos(tmp_path_factory.mktemp("photos"), size=96)
+  col_prior.save_prior(col_prior.default_prior_path(folder), col_prior.compute_prior(folder, num_images=0)[0])
+  return folder
 
 
 def fixed_iterators(trainer, seed=0):
@@ -151,10 +158,18 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, pho
 
 @pytest.mark.slow
 def test_several_steps_in_one_call_equal_one_step_per_call(tmp_path, photos):
+  # One trainer, so one traced loop (the step count is a tensor): 4 steps in one call from the initial
+  # state, then the initial state restored (weights, RMSProp states, step) and 4 calls of one step.
+  trainer = make_trainer(tmp_path / "run", photos)
+  iterators = fixed_iterators(trainer)
+  initial = trainer.checkpoint.write(str(tmp_path / "initial" / "ckpt"))
+  start = [v.numpy().copy() for v in trainer.model.trunk.weights + list(trainer.optimizer.variables)]
   runs = {}
   for name, calls in (("one_call", [4]), ("four_calls", [1, 1, 1, 1])):
-    trainer = make_trainer(tmp_path / name, photos)
-    iterators = fixed_iterators(trainer)
+    if name == "four_calls":
+      trainer.checkpoint.read(initial).assert_existing_objects_matched()
+      for a, b in zip(start, trainer.model.trunk.weights + list(trainer.optimizer.variables)):
+        np.testing.assert_array_equal(a, b.numpy())  # the restore is complete: same starting point
     for n in calls:
       out = trainer.run_steps(iterators, num_steps=n)
       assert int(out.steps_run) == n and int(out.first_bad_step) == 0
@@ -165,6 +180,7 @@ def test_several_steps_in_one_call_equal_one_step_per_call(tmp_path, photos):
   np.testing.assert_allclose(loss_a, loss_b, rtol=1e-5)
   for a, b in zip(weights_a, weights_b):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6 * np.abs(b).max())
+  assert any(not np.array_equal(a, b) for a, b in zip(start, weights_a))  # the steps changed the weights
 
 
 def test_calls_end_where_the_host_has_work(tmp_path, photos):
