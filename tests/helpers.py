@@ -64,6 +64,15 @@ def write_photos(folder, size=160, names=("astronaut", "coffee", "chelsea", "roc
   return str(folder)
 
 
+def write_photos_with_prior(folder, size=160):
+  """write_photos, with the photos' colorization prior beside them: col trainers then load it instead of
+  each computing it at start-up (that path is tested in test_colorization)."""
+  from tf_mtssl.tasks.colorization import prior as col_prior
+  folder = write_photos(folder, size=size)
+  col_prior.save_prior(col_prior.default_prior_path(folder), col_prior.compute_prior(folder, num_images=0)[0])
+  return folder
+
+
 def assert_close(actual, desired, rtol: float = 1e-5, err_msg: str = ""):
   """`np.testing.assert_allclose` with a tolerance relative to the values' scale:
   |actual - desired| <= rtol * (|desired| + max |desired|), so entries near zero are compared at the

@@ -247,9 +247,11 @@ def test_two_workers_resume_keep_identical_weights_and_match_one_process_on_the_
   data = identical_photos(tmp_path / "data", corrupt_name="b_corrupt.png")  # shards: {a, c}, {b_corrupt, d}
   run, steps = str(tmp_path / "run"), 3
   task = {"rp": helpers.tiny_task("rp")}
+  # ckpt-1, written by one process. `first` is also the one-process reference below: its global batch
+  # is the workers' (flags/smoke.cfg: 4), so the step it traced here is the one reused there.
   first = train.Trainer(run, task, helpers.TINY_TRUNK, smoke_config(train_steps=1), {"rp": data})
-  first.train()  # ckpt-1, written by one process
-  keras.utils.clear_session()
+  assert first.config.batch_size == 4
+  first.train()
 
   with processes(tmp_path / "logs") as procs:
     workers = procs.start_workers(free_ports(2), [f"--data={data}", f"--model_dir={run}", f"--train_steps={steps}",
@@ -270,10 +272,9 @@ def test_two_workers_resume_keep_identical_weights_and_match_one_process_on_the_
   noise_only = zero_gradient_variables(restored)  # (its training-mode pass moves restored's BN statistics)
 
   # One process from the same step-1 checkpoint, global batch [X_t; X_t] from the resumed stream.
-  keras.utils.clear_session()
-  reference = train.Trainer(str(tmp_path / "reference"), task, helpers.TINY_TRUNK,
-                            smoke_config(train_steps=steps, batch_size=4), {"rp": data})
+  reference = first
   reference.checkpoint.read(os.path.join(run, "ckpt-1")).assert_existing_objects_matched().expect_partial()
+  assert int(reference.step.numpy()) == 1
   iterators = doubled_batches(reference, data, 2, seed=reference.data_seed(1))
   expected = [float(reference.run_steps(iterators).metrics["rp"]["loss"]) for _ in range(1, steps)]
   logged = scalars(run, "rp/loss")

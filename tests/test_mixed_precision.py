@@ -20,7 +20,7 @@ TASKS = ("rp", "col")  # a dense and a pairwise head
 
 @pytest.fixture(scope="session")
 def photos(tmp_path_factory):
-  return helpers.write_photos(tmp_path_factory.mktemp("photos"), size=96)
+  return helpers.write_photos_with_prior(tmp_path_factory.mktemp("photos"), size=96)
 
 
 def losses_after(tmp_path, photos, precision, steps=2):

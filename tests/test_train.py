@@ -27,12 +27,7 @@ def make_trainer(model_dir, data, tasks=("rp",), **overrides):
 
 @pytest.fixture(scope="module")
 def photos(tmp_path_factory):
-  """Photos with their colorization prior beside them (computed once here, not by every col trainer;
-  the computed-at-start-up path is tested in test_colorization)."""
-  from tf_mtssl.tasks.colorization import prior as col_prior
-  folder = helpers.write_photos(tmp_path_factory.mktemp("photos"), size=96)
-  col_prior.save_prior(col_prior.default_prior_path(folder), col_prior.compute_prior(folder, num_images=0)[0])
-  return folder
+  return helpers.write_photos_with_prior(tmp_path_factory.mktemp("photos"), size=96)
 
 
 def fixed_iterators(trainer, seed=0):
