@@ -93,8 +93,8 @@ def test_sigterm_saves_stops_and_the_run_resumes_to_the_exact_step(tmp_path, pho
 @pytest.mark.slow
 def test_sigkill_after_a_checkpoint_loses_nothing_and_the_restart_ends_at_the_requested_step(tmp_path, photos, caplog):
   run = str(tmp_path / "run")
-  flags = [f"--data={photos}", f"--model_dir={run}", "--batch_size=2", "--checkpoint_every=2",
-           "--keep_checkpoints=1000"]
+  settings = dict(batch_size=2, checkpoint_every=2, keep_checkpoints=1000)  # the binary's, then the restart's
+  flags = [f"--data={photos}", f"--model_dir={run}", *(f"--{k}={v}" for k, v in settings.items())]
   with processes(tmp_path / "logs") as procs:
     first = procs.start(PRETRAIN + flags + ["--train_steps=100000"], "first")
     wait_for(lambda: len(checkpoint_steps(run)) >= 2, START_TIMEOUT_S, [first])
@@ -108,8 +108,7 @@ def test_sigkill_after_a_checkpoint_loses_nothing_and_the_restart_ends_at_the_re
   # by the first process): it resumes from the newest checkpoint the killed one left.
   with caplog.at_level(logging.INFO):
     restarted = train.Trainer(run, {"rp": helpers.tiny_task("rp")}, helpers.TINY_TRUNK,
-                              smoke_config(train_steps=last + 3, batch_size=2, checkpoint_every=2,
-                                           keep_checkpoints=1000), {"rp": photos})
+                              smoke_config(train_steps=last + 3, **settings), {"rp": photos})
     restarted.train()
   assert f"Restored {run}/ckpt-{last} (step {last})" in caplog.text, caplog.text[-3000:]
   assert int(restarted.step.numpy()) == last + 3

@@ -157,13 +157,14 @@ def test_several_steps_in_one_call_equal_one_step_per_call(tmp_path, photos):
   # state, then the initial state restored (weights, RMSProp states, step) and 4 calls of one step.
   trainer = make_trainer(tmp_path / "run", photos)
   iterators = fixed_iterators(trainer)
+  state = trainer.model.trunk.weights + list(trainer.optimizer.variables)
   initial = trainer.checkpoint.write(str(tmp_path / "initial" / "ckpt"))
-  start = [v.numpy().copy() for v in trainer.model.trunk.weights + list(trainer.optimizer.variables)]
+  start = [v.numpy().copy() for v in state]
   runs = {}
   for name, calls in (("one_call", [4]), ("four_calls", [1, 1, 1, 1])):
     if name == "four_calls":
       trainer.checkpoint.read(initial).assert_existing_objects_matched()
-      for a, b in zip(start, trainer.model.trunk.weights + list(trainer.optimizer.variables)):
+      for a, b in zip(start, state):
         np.testing.assert_array_equal(a, b.numpy())  # the restore is complete: same starting point
     for n in calls:
       out = trainer.run_steps(iterators, num_steps=n)
@@ -175,7 +176,7 @@ def test_several_steps_in_one_call_equal_one_step_per_call(tmp_path, photos):
   np.testing.assert_allclose(loss_a, loss_b, rtol=1e-5)
   for a, b in zip(weights_a, weights_b):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6 * np.abs(b).max())
-  assert any(not np.array_equal(a, b) for a, b in zip(start, weights_a))  # the steps changed the weights
+  assert any(not np.array_equal(a, b) for a, b in zip(start[:len(weights_a)], weights_a))  # steps changed the trunk
 
 
 def test_calls_end_where_the_host_has_work(tmp_path, photos):
