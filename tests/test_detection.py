@@ -230,7 +230,10 @@ def test_tiny_detector_overfits_a_few_embedded_images(tmp_path):
   input_config = data_lib.InputConfig(min_side=128, max_side=128, batch_size=4, flip=False)
   keras.utils.set_random_seed(0)  # the same initialisation whatever ran before in this process
   detector = tiny_detector()
-  config = train_lib.FinetuneConfig(train_steps=100, learning_rate=0.02, lr_decay_steps=(), warmup_steps=0,
+  # Decayed as the VOC recipe is (x0.1 twice): at a constant lr 0.02 the last step's loss swings 0.3-0.8
+  # with the RoI sample, and CPU float reductions are not bit-reproducible, so one run in two ended short
+  # (mAP 0.65); decayed, four of four fresh runs reached mAP 1.0 and loss 0.24-0.39.
+  config = train_lib.FinetuneConfig(train_steps=100, learning_rate=0.02, lr_decay_steps=(60, 85), warmup_steps=0,
                                     log_every=50, checkpoint_every=1000, summary_images=2)
   result = train_lib.finetune(detector, data_lib.train_dataset(examples, input_config),
                               data_lib.eval_dataset(examples, input_config), class_names, str(tmp_path),
