@@ -359,7 +359,7 @@ class Trainer:
   def _gradient_fn(self, with_cosines: bool):
     if with_cosines not in self._gradient_fns:
       fn = functools.partial(self._replica_gradients, with_cosines=with_cosines)
-      self._gradient_fns[with_cosines] = tf.function(fn, jit_compile=True) if self.jit_compile else fn
+      self._gradient_fns[with_cosines] = tf.function(fn, jit_compile=True, autograph=False) if self.jit_compile else fn
     return self._gradient_fns[with_cosines]
 
   def _replica_step(self, batches, with_cosines: bool):
@@ -389,7 +389,8 @@ class Trainer:
   def _step_fn(self, with_cosines: bool):
     """The distributed step as its own tf.function: traced once, called by every loop that runs it."""
     if with_cosines not in self._step_fns:
-      self._step_fns[with_cosines] = tf.function(functools.partial(self._distributed_step, with_cosines=with_cosines))
+      self._step_fns[with_cosines] = tf.function(functools.partial(self._distributed_step, with_cosines=with_cosines),
+                                                  autograph=False)
     return self._step_fns[with_cosines]
 
   def run_steps(self, iterators, num_steps: int = 1, with_cosines: bool = False, stop: bool = False) -> LoopResult:

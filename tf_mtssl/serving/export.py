@@ -112,11 +112,12 @@ class TrunkExportModule(tf.Module):
     self.trunk = trunk
     self._convention = preprocessing.check_convention(convention)
     self._image_size, self._export_units, self._grid = int(image_size), bool(export_units), int(grid)
+    # No tensor-dependent Python control flow: traced without AutoGraph (as the evaluations' functions).
     self.serving_default = tf.function(
-        self._from_bytes, input_signature=[tf.TensorSpec([None], tf.string, name=BYTES_INPUT)])
+        self._from_bytes, input_signature=[tf.TensorSpec([None], tf.string, name=BYTES_INPUT)], autograph=False)
     self.image_tensor = tf.function(
         self._from_tensor, input_signature=[tf.TensorSpec([None, None, None, 3], tf.float32,
-                                                          name=TENSOR_INPUT)])
+                                                          name=TENSOR_INPUT)], autograph=False)
 
   def _from_bytes(self, image_bytes):
     return trunk_outputs(self.trunk, decode_batch(image_bytes, self._image_size), self._grid,
