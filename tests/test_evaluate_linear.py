@@ -132,6 +132,32 @@ def test_cached_per_unit_features_give_the_same_logits_as_combining_first():
   helpers.assert_close(cached.numpy(), direct.numpy(), rtol=1e-4)
 
 
+def test_the_splits_of_one_trunk_share_one_traced_feature_function():
+  import gc
+  import weakref
+  trunk = trunk_lib.build_trunk(**helpers.TINY_TRUNK)
+  fn = linear.feature_function(trunk, 2, per_unit=False)
+  assert linear.feature_function(trunk, 2, per_unit=False) is fn
+  assert linear.feature_function(trunk, 1, per_unit=False) is not fn
+  rng = np.random.default_rng(0)
+  split = lambda n: [(tf.constant(rng.uniform(0, 255, (b, 32, 32, 3)), tf.float32), tf.zeros([b], tf.int64),
+                      tf.zeros([b], tf.int64)) for b in n]
+  train_feats, _, _ = linear.extract_features(trunk, split([4, 4, 3]), 2, per_unit=False)
+  test_feats, labels, _ = linear.extract_features(trunk, split([4, 2]), 2, per_unit=False)
+  assert train_feats.shape == (11, 2, 2, trunk.output["block3"].shape[-1]) and len(labels) == test_feats.shape[0] == 6
+  # Two traces for five batches of three sizes in two splits: the first shape, then the relaxed one.
+  assert fn.experimental_get_tracing_count() == 2
+  images = split([2])[0][0]
+  helpers.assert_close(fn(images).numpy(), linear.pooled_features(trunk, images, 2, per_unit=False).numpy(),
+                       rtol=1e-5)
+  other = trunk_lib.build_trunk(**helpers.TINY_TRUNK)
+  assert linear.feature_function(other, 2, per_unit=False) is not fn
+  cached = weakref.ref(fn)
+  del trunk, fn
+  gc.collect()
+  assert cached() is None  # the cache holds no trunk alive: a function goes with its trunk
+
+
 def test_run_directory_without_checkpoint_is_a_clear_error(tmp_path):
   checkpoints.save_run_config(str(tmp_path), {"trunk": helpers.TINY_TRUNK})
   with pytest.raises(FileNotFoundError, match="No checkpoint in"):

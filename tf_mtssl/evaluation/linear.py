@@ -31,6 +31,7 @@ Protocol:
 import dataclasses
 import logging
 import time
+import weakref
 from typing import Dict, Iterable, Optional, Tuple
 
 import keras
@@ -213,13 +214,30 @@ def image_batches(source: classification_set.ClassificationSource, split: str, c
   return ds.batch(batch_size, drop_remainder=train).prefetch(_AUTOTUNE)
 
 
+# trunk -> {(grid, per_unit, convention): tf.function}: the splits of one evaluation (train, validation,
+# test) share one traced forward pass instead of tracing a new function per split (a ResNet-101 trace
+# is seconds; TF also warned of the retracing). Weak keys: an entry goes with its trunk.
+_FEATURE_FUNCTIONS: "weakref.WeakKeyDictionary[keras.Model, Dict]" = weakref.WeakKeyDictionary()
+
+
+def feature_function(trunk: keras.Model, grid: int, per_unit: bool,
+                     convention: str = preprocessing.DEFAULT_CONVENTION):
+  """The `tf.function` images -> `pooled_features(trunk, images, ...)`, one per trunk and settings."""
+  per_trunk = _FEATURE_FUNCTIONS.setdefault(trunk, {})
+  key = (int(grid), bool(per_unit), convention)
+  if key not in per_trunk:
+    trunk_ref = weakref.ref(trunk)  # the function must not keep its (weak) key alive
+    per_trunk[key] = tf.function(lambda images: pooled_features(trunk_ref(), images, *key), autograph=False,
+                                 reduce_retracing=True)
+  return per_trunk[key]
+
+
 def extract_features(trunk: keras.Model, batches: Iterable, grid: int, per_unit: bool,
                      convention: str = preprocessing.DEFAULT_CONVENTION,
                      progress: Optional[str] = None) -> Tuple[np.ndarray, np.ndarray, int]:
   """(pooled features [M, ...], labels [M], images skipped as unreadable) of one pass; `progress`:
   the label of a progress bar (images, rate), None for none."""
-  fn = tf.function(lambda images: pooled_features(trunk, images, grid, per_unit, convention), autograph=False,
-                   reduce_retracing=True)
+  fn = feature_function(trunk, grid, per_unit, convention)
   feats, labels, corrupt = [], [], 0
   with progress_lib.bar(enabled=progress is not None, unit="img", desc=progress, leave=False) as bar:
     for images, batch_labels, num_corrupt in batches:
