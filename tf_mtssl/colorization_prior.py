@@ -10,33 +10,23 @@ the embedded data).
 
 from tf_mtssl.core import quiet  # noqa: F401  (first: silences TensorFlow's start-up noise)
 
-from absl import app, flags
+from absl import app
 
 from tf_mtssl import cli
 from tf_mtssl.tasks.colorization import prior as prior_lib
 
-FLAGS = flags.FLAGS
-flags.DEFINE_string("data", "embedded", "Image source: 'embedded', 'tfds:NAME[:SPLIT]', a folder or a "
-                    "TFRecord glob (see tf_mtssl.data.sources).")
-flags.DEFINE_string("output", "", "Output .npy; empty = colorization_prior.npy beside the data "
-                    "(embedded root or the image folder).")
-flags.DEFINE_integer("num_images", 10000, "Images to read (<= 0: the whole source).")
-flags.DEFINE_integer("max_side", 256, "Images are shrunk to this longer side first.")
-flags.DEFINE_integer("seed", 0, "Shuffling seed of the source.")
-flags.DEFINE_string("tfds_data_dir", "", "tensorflow-datasets data_dir (empty: the tfds default).")
-flags.DEFINE_float("gray_threshold", 5.0, "Images with |a|,|b| <= this everywhere are skipped "
-                   "(paper_spec 3.2: 5).")
-flags.DEFINE_float("sigma", prior_lib.PRIOR_SIGMA, "Gaussian smoothing of the prior, ab units (paper_spec 3.2: 5).")
+cli.define_flags(prior_lib.PriorConfig)
 
 
 def main(argv):
   del argv
-  output = FLAGS.output or prior_lib.default_prior_path(FLAGS.data)
+  config = cli.config_from_flags(prior_lib.PriorConfig)
+  output = config.output or prior_lib.default_prior_path(config.data)
   if output is None:
-    raise ValueError(f"--output is required for source {FLAGS.data!r} (no default place beside the data)")
-  prior, stats = prior_lib.compute_prior(FLAGS.data, num_images=FLAGS.num_images, max_side=FLAGS.max_side,
-                                         seed=FLAGS.seed, tfds_data_dir=FLAGS.tfds_data_dir or None,
-                                         gray_threshold=FLAGS.gray_threshold, sigma=FLAGS.sigma)
+    raise ValueError(f"--output is required for source {config.data!r} (no default place beside the data)")
+  prior, stats = prior_lib.compute_prior(config.data, num_images=config.num_images, max_side=config.max_side,
+                                         seed=config.seed, tfds_data_dir=config.tfds_data_dir or None,
+                                         gray_threshold=config.gray_threshold, sigma=config.sigma)
   path = prior_lib.save_prior(output, prior)
   print(f"Wrote {path}: {stats['images']} colour images ({stats['gray_images']} gray skipped), "
         f"{stats['pixels']} pixels; max bin probability {prior.max():.4f}")

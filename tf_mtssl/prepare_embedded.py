@@ -13,7 +13,7 @@ import os
 import pathlib
 from typing import List
 
-from absl import app, flags
+from absl import app
 
 from tf_mtssl import cli
 from tf_mtssl.data import embedded, prepare
@@ -27,24 +27,18 @@ STEPS: List[prepare.Step] = prepare.DATA_STEPS + [
     prepare.Step("objects", "tf_mtssl.data.probe_sets:prepare_objects_step"),
 ]
 
-FLAGS = flags.FLAGS
-flags.DEFINE_string("root", "", "Output folder; empty = tf_mtssl.data.embedded.root() "
-                    "(<repo>/data/embedded or $TF_MTSSL_DATA_DIR).")
-flags.DEFINE_string("cache_dir", "", "Where downloaded .deb files are cached; empty = $TF_MTSSL_CACHE_DIR "
-                    "or ~/.cache/tf_mtssl.")
-flags.DEFINE_bool("force", False, "Re-run every selected step even if it is up to date.")
-flags.DEFINE_list("steps", [], f"Run only these steps (comma-separated) of: {[s.name for s in STEPS]}; "
-                  "empty = all.")
+cli.define_flags(prepare.PrepareConfig)
 
 
 def main(argv):
   del argv
-  if FLAGS.cache_dir:
-    os.environ["TF_MTSSL_CACHE_DIR"] = FLAGS.cache_dir
-  root = pathlib.Path(FLAGS.root) if FLAGS.root else None
-  manifest = prepare.run_steps(STEPS, root, force=FLAGS.force, only=FLAGS.steps or None)
+  config = cli.config_from_flags(prepare.PrepareConfig)
+  if config.cache_dir:
+    os.environ["TF_MTSSL_CACHE_DIR"] = config.cache_dir
+  root = pathlib.Path(config.root) if config.root else None
+  manifest = prepare.run_steps(STEPS, root, force=config.force, only=list(config.steps) or None)
   total = sum(x["size"] for x in manifest["files"])
-  print(f"Embedded data: {len(manifest['files'])} files, {total / 1e6:.1f} MB in {FLAGS.root or embedded.root()}")
+  print(f"Embedded data: {len(manifest['files'])} files, {total / 1e6:.1f} MB in {config.root or embedded.root()}")
 
 
 if __name__ == "__main__":

@@ -48,11 +48,11 @@ import shutil
 import subprocess
 import tempfile
 import time
-from typing import Callable, Dict, List, Optional, Sequence, Union
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from tf_mtssl.core import files
+from tf_mtssl.core import configs, files
 from tf_mtssl.data import embedded
 
 MANIFEST_FORMAT = 1
@@ -107,6 +107,18 @@ class FileRecord:
 
 
 StepFn = Callable[[pathlib.Path], List[FileRecord]]
+
+
+@dataclasses.dataclass(frozen=True)
+class PrepareConfig:
+  """What `python -m tf_mtssl.prepare_embedded` prepares; every field is one of its flags."""
+  root: str = configs.field("", "Output folder; empty = tf_mtssl.data.embedded.root() (<repo>/data/embedded or "
+                            "$TF_MTSSL_DATA_DIR).")
+  cache_dir: str = configs.field("", "Where downloaded .deb files are cached; empty = $TF_MTSSL_CACHE_DIR or "
+                                 "~/.cache/tf_mtssl.")
+  force: bool = configs.field(False, "Re-run every selected step even if it is up to date.")
+  steps: Tuple[str, ...] = configs.field((), "Run only these steps (comma-separated; an unknown name is refused "
+                                         "with the list of steps); empty = all.")
 
 
 @dataclasses.dataclass(frozen=True)

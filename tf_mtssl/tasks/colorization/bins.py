@@ -168,6 +168,9 @@ class TargetEncoder:
     return {"target_bins": bins, "target_weights": weights, "pixel_weights": pixel * keep}
 
 
+GRAY_THRESHOLD = 5.0  # paper_spec 3.2: |a|,|b| <= 5 everywhere is a gray image or crop (Zhang's rule)
+
+
 def is_gray_image(ab: tf.Tensor, threshold: float) -> tf.Tensor:
   """True when |a| and |b| are <= threshold at every pixel of ab [..., H, W, 2] (Zhang's rule)."""
   return tf.reduce_max(tf.abs(ab), axis=[-3, -2, -1]) <= threshold

@@ -21,6 +21,7 @@ Storage: a float64 .npy of shape (313,) summing to 1, in the bin order of
 Default place: beside the data (`default_prior_path`).
 """
 
+import dataclasses
 import logging
 import os
 import pathlib
@@ -29,7 +30,7 @@ from typing import Dict, List, Optional, Tuple, Union
 import numpy as np
 import tensorflow as tf
 
-from tf_mtssl.core import files
+from tf_mtssl.core import configs, files
 from tf_mtssl.model import color
 from tf_mtssl.data import embedded, sources
 from tf_mtssl.tasks.colorization import bins as ab_bins
@@ -94,6 +95,22 @@ def rebalance_weights(prior: np.ndarray, lam: float = 0.5) -> np.ndarray:
   return weights / np.sum(prior * weights)
 
 
+@dataclasses.dataclass(frozen=True)
+class PriorConfig:
+  """What `python -m tf_mtssl.colorization_prior` computes; every field is one of its flags."""
+  data: str = configs.field("embedded", "Image source: 'embedded', 'tfds:NAME[:SPLIT]', a folder or a TFRecord "
+                            "glob (see tf_mtssl.data.sources).")
+  output: str = configs.field("", "Output .npy; empty = colorization_prior.npy beside the data (embedded root "
+                              "or the image folder).")
+  num_images: int = configs.field(10000, "Images to read (<= 0: the whole source).")
+  max_side: int = configs.field(256, "Images are shrunk to this longer side first.")
+  seed: int = configs.field(0, "Shuffling seed of the source.")
+  tfds_data_dir: str = configs.field("", "tensorflow-datasets data_dir (empty: the tfds default).")
+  gray_threshold: float = configs.field(ab_bins.GRAY_THRESHOLD, "Images with |a|,|b| <= this everywhere are "
+                                        "skipped (paper_spec 3.2: 5).")
+  sigma: float = configs.field(PRIOR_SIGMA, "Gaussian smoothing of the prior, ab units (paper_spec 3.2: 5).")
+
+
 def smooth_histogram(histogram: np.ndarray, sigma: float = PRIOR_SIGMA) -> np.ndarray:
   """Gaussian smoothing over the bin centres, mass-preserving; returns a distribution [313]."""
   histogram = np.asarray(histogram, np.float64)
@@ -117,7 +134,7 @@ def _shrink(image: tf.Tensor, max_side: int) -> tf.Tensor:
 
 
 def compute_prior(data: str, *, num_images: int = 10000, max_side: int = 256, seed: int = 0,
-                  tfds_data_dir: Optional[str] = None, gray_threshold: float = 5.0,
+                  tfds_data_dir: Optional[str] = None, gray_threshold: float = ab_bins.GRAY_THRESHOLD,
                   sigma: float = PRIOR_SIGMA, k: int = 5) -> Tuple[np.ndarray, Dict[str, int]]:
   """Estimates p~ over the first `num_images` images (all if <= 0) of source `data` (shuffled by `seed`).
 

@@ -59,7 +59,7 @@ class ColorizationOptions:
   num_neighbors: int = configs.field(5, "Nearest bins of the soft encoding (paper_spec 3.2: 5; Zhang's code: 10).")
   sigma: float = configs.field(5.0, "Gaussian sigma of the soft encoding, ab units (paper_spec 3.2: 5).")
   rebalance_lambda: float = configs.field(0.5, "Class rebalancing: mix of prior and uniform (paper_spec 3.2: 0.5).")
-  gray_threshold: float = configs.field(5.0, "Crops with |a|,|b| <= this everywhere are gray: weight 0 (paper_spec 3.2).")
+  gray_threshold: float = configs.field(ab_bins.GRAY_THRESHOLD, "Crops with |a|,|b| <= this everywhere are gray: weight 0 (paper_spec 3.2).")
   prior_path: str = configs.field("", "Rebalancing prior .npy (313 floats, e.g. from "
                                     "`python -m tf_mtssl.colorization_prior`); empty: "
                                     "colorization_prior.npy beside the data, else computed at start-up.")
