@@ -133,9 +133,10 @@ def _shrink(image: tf.Tensor, max_side: int) -> tf.Tensor:
   return tf.image.resize(image, size, method="bilinear", antialias=True)
 
 
-def compute_prior(data: str, *, num_images: int = 10000, max_side: int = 256, seed: int = 0,
-                  tfds_data_dir: Optional[str] = None, gray_threshold: float = ab_bins.GRAY_THRESHOLD,
-                  sigma: float = PRIOR_SIGMA, k: int = 5) -> Tuple[np.ndarray, Dict[str, int]]:
+def compute_prior(data: str, *, num_images: int = PriorConfig.num_images, max_side: int = PriorConfig.max_side,
+                  seed: int = PriorConfig.seed, tfds_data_dir: Optional[str] = None,
+                  gray_threshold: float = PriorConfig.gray_threshold, sigma: float = PriorConfig.sigma,
+                  k: int = 5) -> Tuple[np.ndarray, Dict[str, int]]:
   """Estimates p~ over the first `num_images` images (all if <= 0) of source `data` (shuffled by `seed`).
 
   Args:
